@@ -1,0 +1,190 @@
+"""``jupyter mlops ...``: a thin face over the libraries.
+
+``--help`` imports argparse and nothing heavy; each command imports what it needs when it runs.
+Errors the user can fix print as one line on stderr with exit status 1 (2 for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ._version import __version__
+from .errors import MlopsError
+
+__all__ = ["main"]
+
+
+def _parameter(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _parse_value(value: str) -> object:
+    """Parameters from the command line: numbers, booleans and JSON literals keep their type."""
+    import json
+
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jupyter mlops",
+        description="Tracked runs, versioned data, reproducible kernels and notebook pipelines for Jupyter.",
+    )
+    parser.add_argument("--version", action="version", version=f"jupyter_mlops {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="execute a notebook headless with tracking on, and say where its run is")
+    p.add_argument("notebook", type=Path)
+    p.add_argument("-p", "--parameter", dest="parameters", action="append", type=_parameter, default=[],
+                   metavar="KEY=VALUE", help="papermill parameter (repeatable); JSON values keep their type")
+    p.add_argument("-o", "--output", type=Path, help="executed notebook (default .mlops/outputs/NAME.out.ipynb)")
+    p.add_argument("-k", "--kernel", help="kernel name (default: the notebook's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sync", help="upload what is still spooled (e.g. left by a kernel that died)")
+    p.add_argument("--spool-dir", type=Path, help="spool folder (default from config: .mlops/spool)")
+    p.set_defaults(func=_cmd_sync)
+
+    p = sub.add_parser("runs", help="runs in the local spool: waiting for upload, or uploaded")
+    p.add_argument("--spool-dir", type=Path)
+    p.add_argument("--all", action="store_true", help="include runs already uploaded")
+    p.set_defaults(func=_cmd_runs)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI on the embedded store")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=_cmd_ui)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipelines.notebook import run_notebook
+
+    config = load_config()
+    params = {k: _parse_value(v) for k, v in args.parameters}
+    print(f"Running {args.notebook} (tracking: {config.resolved_tracking_uri})")
+    result = run_notebook(
+        args.notebook,
+        parameters=params,
+        output=args.output,
+        kernel_name=args.kernel,
+        progress=not args.no_progress,
+        config=config,
+        on_wait=lambda runs: print(f"Uploading {len(runs)} run(s) to the tracking store..."),
+    )
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+    print(f"Executed notebook: {result.output}")
+    if not result.runs:
+        print("The notebook tracked no run (it has no `%mlops track`).")
+    for run in result.runs:
+        _print_run(run, config.uses_embedded_store)
+    return 1 if result.error or any(not r.done for r in result.runs) else 0
+
+
+def _print_run(run: object, embedded: bool) -> None:
+    from .tracking.ledger import SpooledRun
+
+    assert isinstance(run, SpooledRun)
+    header = run.header
+    if not run.done:
+        print(f"Run {run.spool_id} is still spooled ({run.pending_bytes} bytes): "
+              "the tracking server did not take it yet; `jupyter mlops sync` uploads it.")
+        return
+    print(f"Run {run.run_id} ({run.status}) recorded in experiment {header.get('experiment')!r}")
+    print(f"  tracking store: {header.get('tracking_uri')}")
+    if run.state.get("url"):
+        print(f"  see it: {run.state['url']}")
+    elif embedded:
+        print("  see it: jupyter mlops ui   (then open http://127.0.0.1:5000)")
+    if run.state.get("rejected_log"):
+        print(f"  some records were refused by the server: {run.state['rejected_log']}")
+
+
+def _spool_dir(args: argparse.Namespace) -> Path:
+    from .config import load_config
+
+    return args.spool_dir.resolve() if args.spool_dir else load_config().resolved_spool_dir
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from .tracking.flusher import sync
+    from .tracking.ledger import spooled_runs
+
+    spool_dir = _spool_dir(args)
+    waiting = [r for r in spooled_runs(spool_dir) if not r.done]
+    if not waiting:
+        print(f"Nothing to upload in {spool_dir}.")
+        return 0
+    print(f"Uploading {len(waiting)} spooled run(s) from {spool_dir}...")
+    result = sync(spool_dir)
+    for spool_id in result.finished:
+        print(f"  {spool_id}: uploaded")
+    for line in result.waiting:
+        print(f"  {line} (kept; try again when the server answers)")
+    for line in result.failed:
+        print(f"  {line}")
+    still_open = [r for r in spooled_runs(spool_dir) if not r.done and r.writer_alive]
+    if still_open:
+        print(f"  {len(still_open)} run(s) are still being written by a live kernel; uploaded so far.")
+    return 1 if result.waiting or result.failed else 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from .tracking.ledger import spooled_runs
+
+    runs = [r for r in spooled_runs(_spool_dir(args)) if args.all or not r.done]
+    if not runs:
+        print("No runs waiting for upload." if not args.all else "No runs in the spool.")
+        return 0
+    print(f"{'LOCAL ID':<30} {'MLFLOW RUN':<34} {'STATUS':<11} {'WAITING':>9}  EXPERIMENT")
+    for r in runs:
+        print(f"{r.spool_id:<30} {r.run_id or '-':<34} {r.status:<11} {r.pending_bytes:>8}B  {r.header.get('experiment')}")
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .config import load_config
+
+    config = load_config()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", config.resolved_tracking_uri,
+           "--host", args.host, "--port", str(args.port)]
+    print(f"Serving {config.resolved_tracking_uri} on http://{args.host}:{args.port} (Ctrl-C stops)")
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except MlopsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

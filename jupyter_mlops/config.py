@@ -1,0 +1,188 @@
+"""Settings shared by every face: the kernel side, the CLI and the server extension.
+
+Configuration is traitlets (``c.MlopsConfig.<name>`` in ``jupyter_mlops_config.py`` or
+``jupyter_server_config.py`` on the Jupyter config path or in the current folder), overridden by
+environment variables, which is what a kernel, a pipeline step or a pod inherits. Nothing here
+imports more than the standard library, traitlets and jupyter_core.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from traitlets import Float, Unicode, default
+from traitlets.config import Config, Configurable
+
+from .errors import ConfigError
+
+__all__ = ["MlopsConfig", "load_config", "find_project_root", "EMBEDDED_DIR"]
+
+#: The project-local folder that holds embedded state (tracking store, artifacts, spool).
+EMBEDDED_DIR = ".mlops"
+
+#: Environment variables that override config, by trait name. MLFLOW_* are MLflow's own names.
+ENV_OVERRIDES = {
+    "project_root": ("MLOPS_PROJECT_ROOT",),
+    "tracking_uri": ("MLOPS_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+    "experiment_name": ("MLOPS_EXPERIMENT", "MLFLOW_EXPERIMENT_NAME"),
+    "spool_dir": ("MLOPS_SPOOL_DIR",),
+    "artifact_root": ("MLOPS_ARTIFACT_ROOT",),
+}
+
+CONFIG_FILE_NAMES = ("jupyter_mlops_config", "jupyter_server_config")
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` holding ``.mlops/`` or ``.git``, else ``start``."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / EMBEDDED_DIR).is_dir() or (folder / ".git").exists():
+            return folder
+    return start
+
+
+class MlopsConfig(Configurable):
+    """Where runs go and where local state lives."""
+
+    project_root = Unicode(
+        "",
+        help="Root of the project. Empty: the nearest folder above the working directory that "
+        "holds .mlops/ or .git, else the working directory. Env: MLOPS_PROJECT_ROOT.",
+    ).tag(config=True)
+
+    tracking_uri = Unicode(
+        "",
+        help="MLflow tracking URI (http(s)://..., postgresql://..., sqlite:///...). Empty: the "
+        "embedded store sqlite:///<project>/.mlops/mlflow.db. Env: MLFLOW_TRACKING_URI.",
+    ).tag(config=True)
+
+    artifact_root = Unicode(
+        "",
+        help="Artifact location for experiments this tool creates. Empty: <project>/.mlops/artifacts "
+        "for a database store, the server's own default for an http(s) server.",
+    ).tag(config=True)
+
+    experiment_name = Unicode(
+        "{project}",
+        help="Experiment for runs that name none. Fields: {project} (the project folder's name), "
+        "{notebook} (the notebook's file name without .ipynb), {user}. Env: MLFLOW_EXPERIMENT_NAME.",
+    ).tag(config=True)
+
+    spool_dir = Unicode(
+        "",
+        help="Folder of the durable local spool that runs are written to before upload. Empty: "
+        "<project>/.mlops/spool. Env: MLOPS_SPOOL_DIR.",
+    ).tag(config=True)
+
+    flusher_idle_timeout = Float(
+        5.0,
+        help="Seconds the background uploader lingers with nothing to do before it exits.",
+    ).tag(config=True)
+
+    flusher_max_linger = Float(
+        900.0,
+        help="Seconds the uploader keeps retrying an unreachable server once no kernel is writing; "
+        "what it could not upload stays in the spool for `jupyter mlops sync`.",
+    ).tag(config=True)
+
+    flusher_python = Unicode(
+        help="Python interpreter that runs the uploader (it needs mlflow). Default: this one.",
+    ).tag(config=True)
+
+    @default("flusher_python")
+    def _default_flusher_python(self) -> str:
+        import sys
+
+        return sys.executable
+
+    # -- resolved values ------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        return Path(self.project_root).resolve() if self.project_root else find_project_root()
+
+    @property
+    def embedded_dir(self) -> Path:
+        return self.root / EMBEDDED_DIR
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return "sqlite:///" + str(self.embedded_dir / "mlflow.db")
+
+    @property
+    def uses_embedded_store(self) -> bool:
+        return not self.tracking_uri
+
+    @property
+    def resolved_artifact_root(self) -> str | None:
+        """Artifact location for new experiments, or None to leave it to the server."""
+        if self.artifact_root:
+            return self.artifact_root
+        if self.resolved_tracking_uri.startswith(("http://", "https://", "databricks")):
+            return None
+        return (self.embedded_dir / "artifacts").as_uri()
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return Path(self.spool_dir).resolve() if self.spool_dir else self.embedded_dir / "spool"
+
+    def experiment_for(self, notebook: str | None) -> str:
+        import getpass
+
+        stem = Path(notebook).stem if notebook else "notebook"
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "unknown"
+        try:
+            return self.experiment_name.format(project=self.root.name, notebook=stem, user=user)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"experiment_name {self.experiment_name!r} has an unknown field ({e}); "
+                "use {project}, {notebook} or {user}"
+            ) from e
+
+
+def _config_files(dirs: list[str]) -> Config:
+    from traitlets.config.loader import JSONFileConfigLoader, PyFileConfigLoader
+
+    merged = Config()
+    for folder in dirs:
+        for name in CONFIG_FILE_NAMES:
+            for ext, loader_cls in ((".json", JSONFileConfigLoader), (".py", PyFileConfigLoader)):
+                path = Path(folder) / (name + ext)
+                if not path.is_file():
+                    continue
+                try:
+                    merged.merge(loader_cls(path.name, path=str(path.parent)).load_config())
+                except Exception as e:  # a user's config file: any error is theirs to see
+                    raise ConfigError(f"cannot load config: {e}", source=str(path)) from e
+    return merged
+
+
+def load_config(config: Config | None = None, *, read_files: bool = True, **overrides: object) -> MlopsConfig:
+    """Build the effective settings: files < environment < ``config`` < ``overrides``.
+
+    Raises :class:`ConfigError` when a config file cannot be loaded.
+    """
+    merged = Config()
+    if read_files:
+        from jupyter_core.paths import jupyter_config_path
+
+        # Lowest priority first: system paths come last in jupyter_config_path().
+        merged.merge(_config_files([*reversed(jupyter_config_path()), os.getcwd()]))
+    env_values = {}
+    for trait, names in ENV_OVERRIDES.items():
+        for name in names:
+            if os.environ.get(name):
+                env_values[trait] = os.environ[name]
+                break
+    merged.merge(Config({"MlopsConfig": env_values}))
+    if config is not None:
+        merged.merge(config)
+    if overrides:
+        merged.merge(Config({"MlopsConfig": overrides}))
+    return MlopsConfig(config=merged)

@@ -1,0 +1,90 @@
+"""Every error jupyter_mlops raises on purpose derives from :class:`MlopsError`.
+
+Each subclass carries the facts of what went wrong as attributes and a message that says what to
+do about it, in one or two lines, so faces (magics, CLI, REST) can show ``str(error)`` as it is.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MlopsError",
+    "ConfigError",
+    "UsageError",
+    "TrackingError",
+    "NoActiveRunError",
+    "SpoolError",
+    "InvalidValueError",
+    "ParamChangedError",
+    "TrackingServerError",
+]
+
+
+class MlopsError(Exception):
+    """Base of every error the product raises deliberately."""
+
+
+class ConfigError(MlopsError):
+    """A configuration file or setting is invalid."""
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)
+
+
+class UsageError(MlopsError):
+    """A command or magic was called the wrong way."""
+
+
+class TrackingError(MlopsError):
+    """Base of errors about experiment tracking."""
+
+
+class NoActiveRunError(TrackingError):
+    def __init__(self, action: str) -> None:
+        self.action = action
+        super().__init__(
+            f"cannot {action}: no run is active. Start one with `%mlops track` "
+            "or jupyter_mlops.tracking.start_run()."
+        )
+
+
+class SpoolError(TrackingError):
+    """The local spool cannot be written: nothing could be recorded."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"cannot write the tracking spool {path}: {reason}. "
+            "Point MLOPS_SPOOL_DIR (or c.MlopsConfig.spool_dir) at a writable folder."
+        )
+
+
+class InvalidValueError(TrackingError):
+    """A key or value that MLflow would reject, caught at the call instead of at upload."""
+
+    def __init__(self, kind: str, key: str, message: str) -> None:
+        self.kind = kind
+        self.key = key
+        super().__init__(f"{kind} {key!r}: {message}")
+
+
+class ParamChangedError(InvalidValueError):
+    def __init__(self, key: str, old: str, new: str) -> None:
+        self.old = old
+        self.new = new
+        super().__init__(
+            "param",
+            key,
+            f"already logged as {old!r} in this run; MLflow params cannot change "
+            f"(got {new!r}). Log it as a metric or a tag, or start a new run.",
+        )
+
+
+class TrackingServerError(TrackingError):
+    """The tracking server could not be reached or refused a request."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri = uri
+        self.reason = reason
+        super().__init__(f"tracking server {uri}: {reason}")

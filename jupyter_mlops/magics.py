@@ -1,0 +1,206 @@
+"""``%mlops``: a thin face over :mod:`jupyter_mlops.tracking`.
+
+Every failure a user can cause shows as one line (IPython's UsageError), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from . import tracking
+from .errors import MlopsError
+
+__all__ = ["register", "unregister", "mlops_magic"]
+
+_shell: Any = None
+
+
+class _Exit(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see %mlops --help)")
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        if message:
+            print(message)
+        raise _Exit()
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="%mlops", description="Track this notebook's runs in MLflow.", add_help=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p = sub.add_parser("track", help="start a tracked run (records notebook, git, environment)")
+    p.add_argument("--experiment", "-e", help="experiment name (default from config: the project)")
+    p.add_argument("--name", "-n", help="run name (default: the notebook's name)")
+    p.add_argument("--autolog", action="store_true", help="also turn on mlflow.autolog() (imports mlflow in the kernel: ~2 s)")
+    p = sub.add_parser("log", help="log metrics: %%mlops log loss=0.3 acc=0.9 [--step N]")
+    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    p.add_argument("--step", type=int, default=None)
+    p = sub.add_parser("params", help="log params: %%mlops params lr=0.01 model=rf")
+    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    p = sub.add_parser("tag", help="set tags: %%mlops tag stage=baseline")
+    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    p = sub.add_parser("artifact", help="log a file or folder as an artifact (copied now)")
+    p.add_argument("path")
+    p.add_argument("--path", dest="artifact_path", metavar="DIR", help="folder inside the run's artifacts")
+    sub.add_parser("status", help="the active run: id, experiment, where to see it")
+    p = sub.add_parser("end", help="end the run (logs the notebook)")
+    p.add_argument("--status", choices=["FINISHED", "FAILED", "KILLED"], type=str.upper)
+    p = sub.add_parser("flush", help="wait until everything logged is on the tracking server")
+    p.add_argument("--timeout", type=float, default=30.0)
+    return parser
+
+
+def _pairs(pairs: list[str], what: str) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"%mlops {what}: expected KEY=VALUE, got {pair!r}")
+        values[key] = value
+    return values
+
+
+def mlops_magic(line: str) -> None:
+    """Track this notebook in MLflow. Run ``%mlops --help`` for the commands."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(shlex.split(line))
+    except ValueError as e:  # unbalanced quotes
+        raise UsageError(f"%mlops: {e}") from None
+    except _Exit:
+        return
+    if args.command is None:
+        parser.print_help()
+        return
+    try:
+        _COMMANDS[args.command](args)
+    except MlopsError as e:
+        raise UsageError(str(e)) from None
+
+
+def _track(args: argparse.Namespace) -> None:
+    previous = tracking.active_run()
+    if previous is not None:
+        previous.end()
+        print(f"Ended the previous run ({previous.run_id or previous.spool_id}).")
+    history = list(getattr(_shell, "user_ns", {}).get("In", []) or [])
+    run = tracking.start_run(
+        experiment=args.experiment,
+        name=args.name,
+        history=history,
+        user_ns=getattr(_shell, "user_ns", None),
+    )
+    where = run.header.get("notebook") or "this kernel"
+    print(f"Tracking {where} in experiment {run.header['experiment']!r} ({run.header['tracking_uri']}).")
+    if args.autolog:
+        from .tracking.autolog import enable
+
+        enable(run)
+        print("mlflow.autolog() is on for this run.")
+
+
+def _log(args: argparse.Namespace) -> None:
+    run = _run("log metrics")
+    for key, value in _pairs(args.pairs, "log").items():
+        run.log_metric(key, value, step=args.step)  # type: ignore[arg-type]  # validated there
+
+
+def _params(args: argparse.Namespace) -> None:
+    _run("log params").log_params(_pairs(args.pairs, "params"))
+
+
+def _tag(args: argparse.Namespace) -> None:
+    _run("set tags").set_tags(_pairs(args.pairs, "tag"))
+
+
+def _artifact(args: argparse.Namespace) -> None:
+    _run("log an artifact").log_artifact(args.path, args.artifact_path)
+
+
+def _status(args: argparse.Namespace) -> None:
+    run = tracking.active_run() or tracking.run._active
+    if run is None:
+        print("No run. Start one with %mlops track.")
+        return
+    state = run.upload_state() or {}
+    lines = [
+        ("run", run.run_id or f"(being created; local id {run.spool_id})"),
+        ("status", run.ended or "RUNNING"),
+        ("experiment", f"{run.header['experiment']}" + (f" (id {state['experiment_id']})" if state.get("experiment_id") else "")),
+        ("tracking", run.header["tracking_uri"]),
+    ]
+    if state.get("url"):
+        lines.append(("see it", state["url"]))
+    elif run.header["tracking_uri"].startswith("sqlite:"):
+        lines.append(("see it", "jupyter mlops ui   (then open http://127.0.0.1:5000)"))
+    pending = run.pending_bytes()
+    lines.append(("upload", f"{pending} bytes waiting" if pending else "up to date"))
+    for key, value in lines:
+        print(f"{key + ':':<12}{value}")
+
+
+def _end(args: argparse.Namespace) -> None:
+    run = _run("end the run")
+    status = run.end(args.status)
+    print(f"Run {run.run_id or run.spool_id} ended: {status}.")
+
+
+def _flush(args: argparse.Namespace) -> None:
+    run = tracking.run._active
+    if run is None:
+        print("No run.")
+        return
+    if run.wait(args.timeout):
+        print(f"Run {run.run_id} is up to date on {run.header['tracking_uri']}.")
+    else:
+        print(f"Still {run.pending_bytes()} bytes waiting after {args.timeout:g}s; they stay spooled "
+              "and upload when the server answers (or run `jupyter mlops sync`).")
+
+
+def _run(action: str) -> tracking.Run:
+    run = tracking.active_run()
+    if run is None:
+        raise UsageError(f"cannot {action}: no run is active; start one with %mlops track")
+    return run
+
+
+_COMMANDS = {
+    "track": _track,
+    "log": _log,
+    "params": _params,
+    "tag": _tag,
+    "artifact": _artifact,
+    "status": _status,
+    "end": _end,
+    "flush": _flush,
+}
+
+
+def _post_run_cell(result: Any) -> None:
+    run = tracking.active_run()
+    if run is None:
+        return
+    error = result.error_in_exec or result.error_before_exec
+    run.note_cell(f"{type(error).__name__}: {error}" if error is not None else None)
+
+
+def register(shell: Any) -> None:
+    global _shell
+    _shell = shell
+    shell.register_magic_function(mlops_magic, "line", "mlops")
+    if _post_run_cell not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", _post_run_cell)
+
+
+def unregister(shell: Any) -> None:
+    shell.magics_manager.magics["line"].pop("mlops", None)
+    if _post_run_cell in shell.events.callbacks["post_run_cell"]:
+        shell.events.unregister("post_run_cell", _post_run_cell)

@@ -1,0 +1,151 @@
+"""Run one notebook headless through papermill, with tracking wired in through the environment.
+
+The kernel inherits ``MLOPS_NOTEBOOK_PATH`` / ``MLOPS_OUTPUT_NOTEBOOK_PATH`` (so ``%mlops track``
+knows which notebook it runs and logs the executed copy) and ``MLOPS_INVOCATION_ID`` (so the
+caller can find the runs this execution produced in the spool).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..config import MlopsConfig, load_config
+from ..errors import MlopsError
+from ..tracking import flusher
+from ..tracking.ledger import SpooledRun, spooled_runs
+
+__all__ = ["NotebookResult", "NotebookFailed", "run_notebook"]
+
+
+class NotebookFailed(MlopsError):
+    """A cell raised. Carries the failing cell and keeps the partial output notebook."""
+
+    def __init__(self, notebook: Path, output: Path, cell_index: int | None, error: str) -> None:
+        self.notebook = notebook
+        self.output = output
+        self.cell_index = cell_index
+        self.error = error
+        where = f"cell {cell_index}" if cell_index is not None else "a cell"
+        super().__init__(f"{notebook}: {where} raised {error}. The partial output is in {output}.")
+
+
+@dataclass
+class NotebookResult:
+    notebook: Path
+    output: Path
+    invocation: str
+    runs: list[SpooledRun] = field(default_factory=list)
+    error: NotebookFailed | None = None
+
+
+def run_notebook(
+    notebook: str | os.PathLike[str],
+    *,
+    parameters: Mapping[str, Any] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    config: MlopsConfig | None = None,
+    kernel_name: str | None = None,
+    progress: bool = True,
+    wait_upload: float = 120.0,
+    on_wait: Callable[[list[SpooledRun]], None] | None = None,
+) -> NotebookResult:
+    """Execute ``notebook`` and wait until the runs it tracked are uploaded.
+
+    Returns a result whose ``error`` is set when a cell raised (the run is then FAILED and the
+    partial output notebook kept). Raises :class:`MlopsError` for a missing notebook.
+    """
+    config = config or load_config()
+    src = Path(notebook).resolve()
+    if not src.is_file():
+        raise MlopsError(f"no notebook at {notebook}: check the path")
+    out = Path(output).resolve() if output else config.embedded_dir / "outputs" / f"{src.stem}.out.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    invocation = uuid.uuid4().hex
+    env = {
+        "MLOPS_NOTEBOOK_PATH": str(src),
+        "MLOPS_OUTPUT_NOTEBOOK_PATH": str(out),
+        "MLOPS_INVOCATION_ID": invocation,
+        "MLOPS_PROJECT_ROOT": str(config.root),
+    }
+    if config.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = config.tracking_uri
+    if config.spool_dir:
+        env["MLOPS_SPOOL_DIR"] = str(config.resolved_spool_dir)
+    env["MLOPS_NOTEBOOK_PARAMETERS"] = _parameters_json(src, parameters or {})
+    result = NotebookResult(src, out, invocation)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel papermill starts inherits this process's environment
+    try:
+        result.error = _execute(src, out, dict(parameters or {}), kernel_name, progress)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    result.runs = wait_for_runs(config.resolved_spool_dir, invocation, config, wait_upload, on_wait)
+    return result
+
+
+def _parameters_json(src: Path, parameters: Mapping[str, Any]) -> str:
+    """Defaults of the notebook's parameters cell and the injected values, for the run's params."""
+    import nbformat
+
+    from ..tracking.context import parameter_defaults
+
+    try:
+        defaults = parameter_defaults(nbformat.read(src, as_version=4))
+    except Exception as e:  # nbformat raises several kinds for a damaged file
+        raise MlopsError(f"{src}: not a readable notebook ({e})") from e
+    injected = {k: v if isinstance(v, str) else str(v) for k, v in parameters.items()}
+    return json.dumps({"defaults": defaults, "injected": injected})
+
+
+def _execute(src: Path, out: Path, parameters: dict[str, Any], kernel_name: str | None, progress: bool) -> NotebookFailed | None:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        papermill.execute_notebook(
+            str(src),
+            str(out),
+            parameters=parameters,
+            kernel_name=kernel_name,
+            progress_bar=progress,
+            cwd=str(src.parent),
+        )
+    except PapermillExecutionError as e:
+        return NotebookFailed(src, out, e.cell_index + 1, f"{e.ename}: {e.evalue}")
+    return None
+
+
+def wait_for_runs(
+    spool_dir: Path,
+    invocation: str,
+    config: MlopsConfig,
+    timeout: float,
+    on_wait: Callable[[list[SpooledRun]], None] | None = None,
+) -> list[SpooledRun]:
+    """Wait until every run of ``invocation`` is uploaded (or ``timeout``); return them."""
+    deadline = time.monotonic() + timeout
+    runs = spooled_runs(spool_dir, invocation)
+    if any(not r.done for r in runs):
+        flusher.ensure_running(spool_dir, config, nudge=True)
+    delay = 0.05
+    told = False
+    while any(not r.done for r in runs) and time.monotonic() < deadline:
+        if on_wait and not told:
+            on_wait(runs)
+            told = True
+        time.sleep(delay)  # the flusher works in another process; its progress is on disk
+        delay = min(delay * 1.5, 0.5)
+        if flusher.running_pid(spool_dir) is None:
+            flusher.ensure_running(spool_dir, config)
+        runs = spooled_runs(spool_dir, invocation)
+    return runs

@@ -1,0 +1,142 @@
+"""The one place that talks to MLflow: timeouts, retries and error mapping.
+
+Used by the flusher process and the CLI, never by the kernel. Errors come out as two kinds:
+:class:`Retryable` (server unreachable, 5xx, 429, database locked: try again later, keep the data)
+and :class:`Rejected` (the server understood and said no: retrying cannot help).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from ..errors import TrackingServerError
+
+__all__ = ["MlflowGateway", "Retryable", "Rejected"]
+
+T = TypeVar("T")
+
+# MLflow retries a failed HTTP call 7 times with backoff (minutes in all) and waits 120 s for a
+# reply. The flusher has its own retry loop over durable data, so it wants to hear fast.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+class Retryable(TrackingServerError):
+    """The server could not take the request now; the same request may succeed later."""
+
+
+class Rejected(TrackingServerError):
+    """The server refused the request itself; sending it again will not help."""
+
+
+def _classify(uri: str, e: BaseException) -> TrackingServerError:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        status = e.get_http_status_code()
+        message = e.message if hasattr(e, "message") else str(e)
+        if status >= 500 or status == 429:
+            return Retryable(uri, _short(message))
+        return Rejected(uri, _short(message))
+    return Retryable(uri, _short(f"{type(e).__name__}: {e}"))
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class MlflowGateway:
+    """A tracking server (or database store) as the uploader needs it."""
+
+    def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
+        for name, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        from mlflow import MlflowClient
+
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri
+        self.artifact_root = artifact_root
+        self._client = MlflowClient(tracking_uri)
+        self._experiments: dict[str, str] = {}
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # every failure is classified; none escapes unmapped
+            raise _classify(self.uri, e) from e
+
+    def experiment_id(self, name: str) -> str:
+        if name in self._experiments:
+            return self._experiments[name]
+        experiment = self.call(self._client.get_experiment_by_name, name)
+        if experiment is None:
+            try:
+                exp_id = self.call(self._client.create_experiment, name, artifact_location=self.artifact_root)
+            except Rejected:
+                # another uploader created it a moment ago
+                experiment = self.call(self._client.get_experiment_by_name, name)
+                if experiment is None:
+                    raise
+                exp_id = experiment.experiment_id
+        elif experiment.lifecycle_stage == "deleted":
+            raise Rejected(
+                self.uri,
+                f"experiment {name!r} is deleted; restore it (mlflow experiments restore "
+                f"--experiment-id {experiment.experiment_id}) or track into another experiment",
+            )
+        else:
+            exp_id = experiment.experiment_id
+        self._experiments[name] = exp_id
+        return exp_id
+
+    def find_run(self, experiment_id: str, spool_id: str) -> str | None:
+        runs = self.call(
+            self._client.search_runs, [experiment_id], f"tags.`mlops.spool_id` = '{spool_id}'", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def create_run(self, experiment_id: str, start_time: int, tags: dict[str, str], run_name: str | None) -> str:
+        run = self.call(self._client.create_run, experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+        return run.info.run_id
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.log_batch(run_id, (), (), list(tags.items()))
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[tuple[str, float, int, int]],
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        self.call(
+            self._client.log_batch,
+            run_id,
+            metrics=[Metric(k, v, ts, step) for k, v, ts, step in metrics],
+            params=[Param(k, v) for k, v in params],
+            tags=[RunTag(k, v) for k, v in tags],
+            synchronous=True,
+        )
+
+    def log_artifact(self, run_id: str, local_path: Path, artifact_path: str | None) -> None:
+        if local_path.is_dir():
+            self.call(self._client.log_artifacts, run_id, str(local_path), artifact_path)
+        else:
+            self.call(self._client.log_artifact, run_id, str(local_path), artifact_path)
+
+    def terminate(self, run_id: str, status: str, end_time: int) -> None:
+        self.call(self._client.set_terminated, run_id, status, end_time)
+
+    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return None

@@ -1,0 +1,297 @@
+"""What a run records without being asked: where the code came from and what it ran on.
+
+Everything here is cheap (tens of milliseconds in all) because it runs inside ``%mlops track``:
+no package metadata parsing, no mlflow, two ``git`` calls run in parallel.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "RunContext",
+    "capture",
+    "notebook_path",
+    "papermill_parameters",
+    "installed_packages",
+    "parameter_defaults",
+]
+
+#: The comment papermill puts first in the cell it injects (papermill.translators codify()).
+PAPERMILL_MARKER = "# Parameters"
+
+
+@dataclass
+class RunContext:
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    #: artifact files to record: (artifact dir, file name, text)
+    files: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def notebook_path(user_ns: Mapping[str, Any] | None = None, cwd: Path | None = None) -> Path | None:
+    """The notebook this kernel runs, if anything says so.
+
+    In order: ``MLOPS_NOTEBOOK_PATH`` (set by our runners), ``JPY_SESSION_NAME`` (Jupyter Server
+    gives it to kernels; relative to the server root, so looked up from the working directory
+    upwards), VS Code's ``__vsc_ipynb_file__``.
+    """
+    cwd = cwd or Path.cwd()
+    explicit = os.environ.get("MLOPS_NOTEBOOK_PATH")
+    if explicit:
+        return (cwd / explicit).resolve()
+    session = os.environ.get("JPY_SESSION_NAME")
+    if session:
+        candidate = Path(session)
+        if candidate.is_absolute():
+            return candidate
+        for folder in (cwd, *cwd.parents):
+            if (folder / candidate).is_file():
+                return (folder / candidate).resolve()
+        if (cwd / candidate.name).is_file():
+            return (cwd / candidate.name).resolve()
+    vscode = (user_ns or {}).get("__vsc_ipynb_file__")
+    if isinstance(vscode, str) and vscode:
+        return Path(vscode)
+    return None
+
+
+def _assignments(source: str) -> dict[str, str] | None:
+    """``name = literal`` pairs of a cell made only of assignments, else None."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    values: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+            targets, value = [node.target], node.value
+        elif isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
+            targets, value = node.targets, node.value
+        else:
+            return None
+        try:
+            literal = ast.literal_eval(value)
+            text = literal if isinstance(literal, str) else str(literal)  # as MLflow stringifies
+        except (ValueError, TypeError, SyntaxError, RecursionError):
+            text = ast.get_source_segment(source, value) or ""
+        for target in targets:
+            values[target.id] = text  # type: ignore[attr-defined]
+    return values
+
+
+def parameter_defaults(notebook: Mapping[str, Any]) -> dict[str, str]:
+    """Defaults of the cell tagged ``parameters`` in a notebook (an nbformat dict)."""
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = cell.get("source", "")
+            return _assignments("".join(source) if isinstance(source, list) else source) or {}
+    return {}
+
+
+def papermill_parameters(history: Sequence[str]) -> tuple[dict[str, str], dict[str, str]] | None:
+    """(defaults, injected) from a kernel's input history, or None when papermill did not run it.
+
+    papermill inserts its cell right after the cell tagged ``parameters`` and runs cells in order,
+    so in the history the injected cell (starting ``# Parameters``) follows the defaults.
+    """
+    explicit = os.environ.get("MLOPS_NOTEBOOK_PARAMETERS")
+    if explicit:  # set by our runners, which read the notebook's parameters cell themselves
+        try:
+            given = json.loads(explicit)
+            return dict(given.get("defaults", {})), dict(given.get("injected", {}))
+        except (ValueError, AttributeError, TypeError):
+            pass
+    for i in range(len(history) - 1, -1, -1):
+        if history[i].lstrip().split("\n", 1)[0].rstrip() == PAPERMILL_MARKER:
+            injected = _assignments(history[i]) or {}
+            defaults = (_assignments(history[i - 1]) if i > 0 else None) or {}
+            return defaults, injected
+    return None
+
+
+def installed_packages() -> list[str]:
+    """``name==version`` of every distribution on sys.path, from dist-info folder names (fast)."""
+    found = set()
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".dist-info"):
+                stem = name[: -len(".dist-info")]
+                dist, _, version = stem.partition("-")
+                found.add(f"{dist.lower().replace('_', '-')}=={version}")
+    return sorted(found)
+
+
+def _git(args: list[str], cwd: Path) -> subprocess.Popen[str] | None:
+    try:
+        return subprocess.Popen(
+            ["git", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+    except OSError:
+        return None
+
+
+def _git_context(folder: Path, notebook: Path | None) -> dict[str, str]:
+    head = _git(["rev-parse", "HEAD", "--abbrev-ref", "HEAD", "--show-toplevel"], folder)
+    status = _git(["status", "--porcelain", "-z", "--untracked-files=no"], folder)
+    remote = _git(["config", "--get", "remote.origin.url"], folder)
+    tags: dict[str, str] = {}
+    if head is None:
+        return tags
+    out, _ = head.communicate()
+    status_out = status.communicate()[0] if status else ""
+    remote_out = remote.communicate()[0].strip() if remote else ""
+    if head.returncode != 0:
+        return tags
+    lines = out.split()
+    if len(lines) >= 3:
+        commit, branch, top = lines[0], lines[1], " ".join(lines[2:])
+        tags["mlflow.source.git.commit"] = commit
+        tags["mlflow.source.git.branch"] = branch
+        tags["mlops.git.root"] = top
+        changed = [entry[3:] for entry in status_out.split("\0") if entry]
+        tags["mlops.git.repo_dirty"] = str(bool(changed)).lower()
+        if notebook is not None:
+            try:
+                rel = notebook.resolve().relative_to(Path(top).resolve()).as_posix()
+                tags["mlops.notebook.dirty"] = str(rel in changed or _untracked(folder, rel)).lower()
+            except ValueError:
+                pass
+    if remote_out:
+        tags["mlflow.source.git.repoURL"] = remote_out
+    return tags
+
+
+def _untracked(folder: Path, rel: str) -> bool:
+    proc = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "--", rel],
+        cwd=folder, capture_output=True, text=True, check=False,
+    )
+    return proc.returncode != 0
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gpu_inventory() -> list[dict[str, str]]:
+    """GPUs NVML reports (needs nvidia-ml-py and a driver); empty when there are none."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError when no driver: no GPUs here
+        return []
+    try:
+        gpus = []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+            gpus.append({
+                "index": str(index),
+                "name": name.decode() if isinstance(name, bytes) else name,
+                "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+                "memory_bytes": str(memory),
+            })
+        if visible is not None:
+            allowed = {v.strip() for v in visible.split(",") if v.strip()}
+            gpus = [g for g in gpus if g["index"] in allowed or g["uuid"] in allowed]
+        return gpus
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def capture(notebook: Path | None, history: Sequence[str] = (), cwd: Path | None = None) -> RunContext:
+    """Collect the run's context. Never raises for a missing tool: absent facts are just absent."""
+    cwd = cwd or Path.cwd()
+    ctx = RunContext()
+    tags = ctx.tags
+    tags.update(_git_context(cwd, notebook))
+    if notebook is not None:
+        tags["mlflow.source.name"] = str(notebook)
+        tags["mlflow.source.type"] = "NOTEBOOK"
+        tags["mlops.notebook.path"] = str(notebook)
+    try:
+        import getpass
+
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    tags["mlops.python.version"] = platform.python_version()
+    tags["mlops.python.executable"] = sys.executable
+    packages = installed_packages()
+    listing = "\n".join(packages) + "\n"
+    tags["mlops.packages.sha256"] = hashlib.sha256(listing.encode()).hexdigest()
+    tags["mlops.packages.count"] = str(len(packages))
+    ctx.files.append(("environment", "packages.txt", listing))
+    lock = _conda_lock()
+    if lock is not None:
+        text = lock.read_text(encoding="utf-8", errors="replace")
+        tags["mlops.conda_lock.sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        tags["mlops.conda_lock.path"] = str(lock)
+        ctx.files.append(("environment", "conda-lock.yml", text))
+    if os.environ.get("CONDA_PREFIX"):
+        tags["mlops.conda.prefix"] = os.environ["CONDA_PREFIX"]
+    tags["mlops.host"] = socket.gethostname()
+    tags["mlops.platform"] = platform.platform()
+    cpus = os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        cpus = len(os.sched_getaffinity(0))
+    tags["mlops.cpu_count"] = str(cpus)
+    memory = _memory_bytes()
+    if memory:
+        tags["mlops.memory_bytes"] = str(memory)
+    gpus = gpu_inventory()
+    tags["mlops.gpu_count"] = str(len(gpus))
+    if gpus:
+        tags["mlops.gpus"] = json.dumps(gpus)
+    parameters = papermill_parameters(history)
+    if parameters is not None:
+        defaults, injected = parameters
+        tags["mlops.papermill.defaults"] = json.dumps(defaults, sort_keys=True)
+        tags["mlops.papermill.injected"] = json.dumps(injected, sort_keys=True)
+        ctx.params.update(defaults)
+        ctx.params.update(injected)
+    return ctx
+
+
+def _conda_lock() -> Path | None:
+    """The lock file of the environment the kernel runs in, when one is known.
+
+    ``MLOPS_ENV_LOCK`` is set by the environment-aware kernel provisioner; a prefix created by
+    ``jupyter mlops env create`` also keeps a copy at ``<prefix>/conda-meta/mlops-lock.yml``.
+    """
+    explicit = os.environ.get("MLOPS_ENV_LOCK")
+    if explicit and Path(explicit).is_file():
+        return Path(explicit)
+    prefix = os.environ.get("CONDA_PREFIX")
+    if prefix:
+        candidate = Path(prefix) / "conda-meta" / "mlops-lock.yml"
+        if candidate.is_file():
+            return candidate
+    return None

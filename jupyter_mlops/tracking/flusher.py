@@ -1,0 +1,202 @@
+"""The background uploader process, and how a kernel makes sure one is running.
+
+At most one flusher runs per spool folder (``flusher.lock``, which also holds its pid). It is a
+detached process in a session of its own, so interrupting or killing a kernel does not touch it;
+it uploads whatever any kernel spooled, and exits once every run is closed and uploaded. A kernel
+calls :func:`ensure_running` when it starts or ends a run; ``jupyter mlops sync`` runs
+:func:`sync` in the foreground instead.
+
+This module is imported by the kernel, so it imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from ..errors import SpoolError
+from .spool import iter_run_dirs
+
+if TYPE_CHECKING:
+    from ..config import MlopsConfig
+    from .uploader import PassResult
+
+__all__ = ["ensure_running", "prepare_spool_dir", "running_pid", "sync", "main"]
+
+FLUSHER_LOCK = "flusher.lock"
+FLUSHER_LOG = "flusher.log"
+
+_spawned: list[subprocess.Popen[bytes]] = []
+
+
+def prepare_spool_dir(spool_dir: Path, config: MlopsConfig) -> None:
+    """Create the spool folder (and the embedded ``.mlops/`` with a ``.gitignore``), or say why not."""
+    try:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        embedded = config.embedded_dir
+        if embedded.is_dir() and not (embedded / ".gitignore").exists():
+            (embedded / ".gitignore").write_text("# local state of jupyter_mlops: never commit it\n*\n")
+        probe = spool_dir / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = "permission denied (read-only folder?)" if isinstance(e, PermissionError) or e.errno == 30 else (e.strerror or str(e))
+        raise SpoolError(str(spool_dir), reason) from e
+
+
+def running_pid(spool_dir: Path) -> int | None:
+    """Pid of the flusher serving ``spool_dir``, or None when none is running."""
+    path = spool_dir / FLUSHER_LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        return None
+    finally:
+        os.close(fd)
+
+
+def ensure_running(spool_dir: Path, config: MlopsConfig, *, nudge: bool = False) -> None:
+    """Start a flusher for ``spool_dir`` unless one runs; ``nudge`` wakes a running one at once."""
+    for proc in list(_spawned):  # reap flushers this kernel started that have exited
+        if proc.poll() is not None:
+            _spawned.remove(proc)
+    pid = running_pid(spool_dir)
+    if pid is None:
+        _spawned.append(_spawn(spool_dir, config))
+    elif nudge and pid > 0:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            pass
+
+
+def _spawn(spool_dir: Path, config: MlopsConfig) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env["MLOPS_FLUSHER_IDLE"] = str(config.flusher_idle_timeout)
+    env["MLOPS_FLUSHER_LINGER"] = str(config.flusher_max_linger)
+    log_path = spool_dir / FLUSHER_LOG
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            [config.flusher_python, "-m", "jupyter_mlops.tracking", str(spool_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a kernel interrupt (SIGINT to its group) must not reach it
+            env=env,
+            cwd=str(spool_dir),
+        )
+
+
+def sync(spool_dir: Path, *, progress: Callable[[PassResult], None] | None = None, attempts: int = 3) -> PassResult:
+    """Upload everything in ``spool_dir`` now, in this process (``jupyter mlops sync``).
+
+    Makes up to ``attempts`` passes while there is progress; returns the last pass's result,
+    whose ``waiting`` lists what could not be uploaded (server unreachable) and stays spooled.
+    """
+    from .uploader import Uploader
+
+    uploader = Uploader(spool_dir)
+    result = uploader.pass_once(wait_for_lock=True)
+    if progress:
+        progress(result)
+    for _ in range(attempts - 1):
+        if not result.uploaded or not result.pending or result.waiting:
+            break
+        result = uploader.pass_once(wait_for_lock=True)
+        if progress:
+            progress(result)
+    return result
+
+
+def _take_lock(spool_dir: Path) -> int | None:
+    fd = os.open(spool_dir / FLUSHER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def serve(spool_dir: Path, idle_timeout: float, max_linger: float) -> int:
+    """The flusher's main loop. Returns when there is nothing left to do (or nothing it can do)."""
+    lock_fd = _take_lock(spool_dir)
+    if lock_fd is None:
+        return 0  # another flusher serves this folder
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGUSR1, lambda *_: None)  # the wakeup fd is the message
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+
+    from .uploader import Uploader
+
+    uploader = Uploader(spool_dir)
+    last_progress = time.monotonic()
+    backoff = 0.5
+    while not stop:
+        result = uploader.pass_once()
+        now = time.monotonic()
+        if result.uploaded or result.finished:
+            last_progress = now
+        if result.waiting:
+            timeout = backoff
+            backoff = min(backoff * 2, 10.0)
+        else:
+            backoff = 0.5
+            timeout = 0.02 if result.uploaded else 0.25
+        nothing_open = result.live == 0
+        if result.pending == len(result.failed) and nothing_open and now - last_progress >= idle_timeout:
+            # Release the lock, then look once more: a run that appeared meanwhile either saw
+            # the lock free (and started a new flusher) or is seen here (and we carry on).
+            os.close(lock_fd)
+            if not any(True for _ in iter_run_dirs(spool_dir)) or (lock_fd := _take_lock(spool_dir)) is None:
+                return 0
+            continue
+        if result.waiting and nothing_open and now - last_progress >= max_linger:
+            logging.getLogger("jupyter_mlops.flusher").warning(
+                "giving up for now; %d run(s) stay spooled in %s: upload them with `jupyter mlops sync`",
+                result.pending, spool_dir,
+            )
+            return 1
+        select.select([wake_r], [], [], timeout)
+        try:
+            while os.read(wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m jupyter_mlops.tracking SPOOL_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s flusher[{os.getpid()}] %(levelname)s %(message)s",
+    )
+    idle = float(os.environ.get("MLOPS_FLUSHER_IDLE", "5"))
+    linger = float(os.environ.get("MLOPS_FLUSHER_LINGER", "900"))
+    return serve(Path(argv[0]), idle, linger)
+

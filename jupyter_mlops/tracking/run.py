@@ -1,0 +1,373 @@
+"""The kernel side of tracking: start a run, log to the spool, end it.
+
+Nothing here imports mlflow. Each call validates what it can cheaply, appends one record to the
+run's spool (see :mod:`.spool`) and returns; the flusher process uploads in the background.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import posixpath
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..config import MlopsConfig, load_config
+from ..errors import InvalidValueError, NoActiveRunError, ParamChangedError, TrackingError
+from . import flusher as _flusher
+from .context import capture, notebook_path
+from .spool import DONE_DIR, EVENTS, STATE, SpoolWriter, read_json
+
+__all__ = [
+    "Run",
+    "start_run",
+    "active_run",
+    "end_run",
+    "log_metric",
+    "log_metrics",
+    "log_param",
+    "log_params",
+    "set_tag",
+    "set_tags",
+    "log_artifact",
+    "flush",
+]
+
+# MLflow's limits (mlflow.utils.validation), checked here so a bad value fails at the call.
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+_KEY_RE = re.compile(r"^[/\w.\- :]+$")
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+_active: Run | None = None
+_atexit_registered = False
+_lock = threading.Lock()
+
+
+def _check_key(kind: str, key: str, valid: set[str]) -> None:
+    if not isinstance(key, str) or not key:
+        raise InvalidValueError(kind, str(key), "needs a non-empty string name")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidValueError(kind, key[:40] + "...", f"name is longer than {MAX_KEY_LENGTH} characters")
+    if not _KEY_RE.match(key):
+        raise InvalidValueError(
+            kind, key, "names may hold letters, digits, '_', '-', '.', ' ', ':' and '/' only"
+        )
+    norm = posixpath.normpath(key)
+    if norm != key or norm in (".",) or norm.startswith(("..", "/")):
+        raise InvalidValueError(kind, key, f"name must not be a path that resolves elsewhere ({norm!r})")
+    valid.add(key)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Run:
+    """One tracked run, as the kernel sees it. Create with :func:`start_run`."""
+
+    def __init__(self, writer: SpoolWriter, header: dict[str, Any], config: MlopsConfig) -> None:
+        self._writer = writer
+        self._fd = writer.fd
+        self.header = header
+        self.config = config
+        self.spool_id: str = header["spool_id"]
+        self.spool_dir = writer.run_dir.parent
+        self._valid_keys: set[str] = set()
+        self._params: dict[str, str] = {}
+        self.ended: str | None = None
+        self.last_error: str | None = None
+
+    # -- hot path ---------------------------------------------------------------------------------
+
+    def log_metric(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
+        """Record one metric point. Costs a few microseconds; raises on a bad key or value."""
+        if key not in self._valid_keys:
+            _check_key("metric", key, self._valid_keys)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise InvalidValueError("metric", key, f"needs a number, got {value!r}") from None
+        if self.ended:
+            raise NoActiveRunError("log a metric")
+        try:
+            line = f"m\t{key}\t{number!r}\t{timestamp or time.time_ns() // 1_000_000}\t{int(step or 0)}\n"
+            os.write(self._fd, line.encode())
+        except (TypeError, ValueError):
+            raise InvalidValueError("metric", key, f"step must be an integer, got {step!r}") from None
+        except OSError:
+            self._writer.write(line)  # re-raises as a SpoolError that says what to do
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        ts = _now_ms()
+        for key, value in metrics.items():
+            self.log_metric(key, value, step, ts)
+
+    # -- everything else --------------------------------------------------------------------------
+
+    def log_param(self, key: str, value: Any) -> None:
+        self._require_open("log a param")
+        if key not in self._valid_keys:
+            _check_key("param", key, self._valid_keys)
+        text = value if isinstance(value, str) else str(value)  # as mlflow.log_param does
+        if len(text) > MAX_PARAM_VAL_LENGTH:
+            raise InvalidValueError("param", key, f"value is longer than {MAX_PARAM_VAL_LENGTH} characters; log it as an artifact")
+        old = self._params.get(key)
+        if old is not None:
+            if old != text:
+                raise ParamChangedError(key, old, text)
+            return
+        self._params[key] = text
+        self._writer.write(f"p\t{key}\t{json.dumps(text)}\n")
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        for key, value in params.items():
+            self.log_param(key, value)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self._require_open("set a tag")
+        if key not in self._valid_keys:
+            _check_key("tag", key, self._valid_keys)
+        text = value if isinstance(value, str) else str(value)
+        if len(text) > MAX_TAG_VAL_LENGTH:
+            raise InvalidValueError("tag", key, f"value is longer than {MAX_TAG_VAL_LENGTH} characters")
+        self._writer.write(f"t\t{key}\t{json.dumps(text)}\n")
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.set_tag(key, value)
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Snapshot a file or folder now (later edits do not change what is recorded)."""
+        self._require_open("log an artifact")
+        src = Path(path).expanduser()
+        if not src.exists():
+            raise TrackingError(f"cannot log artifact {str(path)!r}: no such file or folder")
+        rel = self._writer.snapshot(src)
+        self._writer.write(f"a\t{json.dumps({'src': rel, 'path': artifact_path})}\n")
+
+    def log_text(self, text: str, artifact_dir: str, name: str) -> None:
+        self._require_open("log an artifact")
+        rel = self._writer.snapshot_text(text, name)
+        self._writer.write(f"a\t{json.dumps({'src': rel, 'path': artifact_dir})}\n")
+
+    def note_cell(self, error: str | None) -> None:
+        """Called after each cell: remembers whether the last one raised (for the end status)."""
+        self.last_error = error
+
+    def end(self, status: str | None = None, *, log_notebook: bool = True) -> str:
+        """Close the run: snapshot the notebook, append the end record, release the spool.
+
+        ``status`` defaults to FAILED when the last cell raised, else FINISHED. Idempotent.
+        """
+        if self.ended:
+            return self.ended
+        status = (status or ("FAILED" if self.last_error else "FINISHED")).upper()
+        if status not in RUN_STATUSES:
+            raise InvalidValueError("status", status, f"must be one of {', '.join(RUN_STATUSES)}")
+        if log_notebook:
+            notebook = _notebook_with_outputs(self.header.get("notebook"))
+            if notebook is not None:
+                try:
+                    self.log_artifact(notebook, "notebook")
+                except TrackingError:
+                    pass  # the notebook vanished since start: the run still ends
+        if status == "FAILED" and self.last_error:
+            self.set_tag("mlops.error", self.last_error[:MAX_TAG_VAL_LENGTH])
+        self._writer.write(f"e\t{status}\t{_now_ms()}\n")
+        self._writer.close()
+        self.ended = status
+        _flusher.ensure_running(self.spool_dir, self.config, nudge=True)
+        return status
+
+    # -- where the run is -------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id once the flusher created the run (or the run attached to), else None."""
+        if self.header.get("run_id"):
+            return self.header["run_id"]
+        state = self.upload_state()
+        return state.get("run_id") if state else None
+
+    def upload_state(self) -> dict[str, Any] | None:
+        return read_json(self._writer.run_dir / STATE) or read_json(self.spool_dir / DONE_DIR / f"{self.spool_id}.json")
+
+    def pending_bytes(self) -> int:
+        """Bytes of records not uploaded yet (0 when the run is fully uploaded)."""
+        done = read_json(self.spool_dir / DONE_DIR / f"{self.spool_id}.json")
+        if done is not None:
+            return 0
+        try:
+            size = os.stat(self._writer.run_dir / EVENTS).st_size
+        except FileNotFoundError:
+            return 0
+        state = read_json(self._writer.run_dir / STATE) or {}
+        return max(0, size - int(state.get("offset", 0)))
+
+    def wait(self, timeout: float = 30.0, *, uploaded: bool = True) -> bool:
+        """Wait until the run exists on the server (and, if ``uploaded``, all records are there)."""
+        _flusher.ensure_running(self.spool_dir, self.config, nudge=True)
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            done = self.run_id is not None and (not uploaded or self.pending_bytes() == 0)
+            if done or time.monotonic() >= deadline:
+                return done
+            time.sleep(delay)  # polling a local file; the flusher gives no other signal
+            delay = min(delay * 2, 0.1)
+
+    def _require_open(self, action: str) -> None:
+        if self.ended:
+            raise NoActiveRunError(action)
+
+
+def _notebook_with_outputs(notebook: str | None) -> Path | None:
+    output = os.environ.get("MLOPS_OUTPUT_NOTEBOOK_PATH")
+    for candidate in (output, notebook):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def _new_spool_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
+
+
+def start_run(
+    experiment: str | None = None,
+    name: str | None = None,
+    *,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+    notebook: str | os.PathLike[str] | None = None,
+    history: Sequence[str] = (),
+    user_ns: Mapping[str, Any] | None = None,
+    capture_context: bool = True,
+    config: MlopsConfig | None = None,
+) -> Run:
+    """Start a run and make it the active one. Returns at once: the flusher creates it in MLflow.
+
+    The run nests under ``MLOPS_PARENT_RUN_ID`` when set, or records into the existing run
+    ``MLOPS_RUN_ID`` (a pipeline step's run) instead of creating one.
+    Raises :class:`TrackingError` if a run is already active, :class:`SpoolError` if the spool
+    folder cannot be written.
+    """
+    global _active, _atexit_registered
+    with _lock:
+        if _active is not None and not _active.ended:
+            raise TrackingError(
+                f"run {_active.run_id or _active.spool_id} is still active; end it first "
+                "(%mlops end or jupyter_mlops.tracking.end_run())"
+            )
+        config = config or load_config()
+        nb = Path(notebook).resolve() if notebook else notebook_path(user_ns)
+        ctx = capture(nb, history) if capture_context else None
+        all_tags = dict(ctx.tags) if ctx else {}
+        all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        spool_id = _new_spool_id()
+        all_tags["mlops.spool_id"] = spool_id
+        parent = os.environ.get("MLOPS_PARENT_RUN_ID") or None
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        experiment = experiment or config.experiment_for(str(nb) if nb else None)
+        header = {
+            "version": 1,
+            "spool_id": spool_id,
+            "tracking_uri": config.resolved_tracking_uri,
+            "artifact_root": config.resolved_artifact_root,
+            "experiment": experiment,
+            "run_name": name or (nb.stem if nb else None),
+            "run_id": os.environ.get("MLOPS_RUN_ID") or None,
+            "parent_run_id": parent,
+            "start_time": _now_ms(),
+            "notebook": str(nb) if nb else None,
+            "invocation": os.environ.get("MLOPS_INVOCATION_ID") or None,
+            "pid": os.getpid(),
+            "tags": all_tags,
+        }
+        spool_dir = config.resolved_spool_dir
+        _flusher.prepare_spool_dir(spool_dir, config)
+        writer = SpoolWriter(spool_dir / spool_id, header)
+        run = Run(writer, header, config)
+        if ctx:
+            run.log_params(ctx.params)
+            for artifact_dir, file_name, text in ctx.files:
+                run.log_text(text, artifact_dir, file_name)
+        if params:
+            run.log_params(params)
+        _active = run
+        if not _atexit_registered:
+            atexit.register(_end_at_exit)
+            _atexit_registered = True
+    _flusher.ensure_running(spool_dir, config)
+    return run
+
+
+def _end_at_exit() -> None:
+    run = _active
+    if run is not None and not run.ended:
+        try:
+            run.end()
+        except Exception:  # interpreter shutdown: never turn an exit into a traceback
+            pass
+
+
+def active_run() -> Run | None:
+    return _active if _active is not None and not _active.ended else None
+
+
+def _require_active(action: str) -> Run:
+    run = _active
+    if run is None or run.ended:
+        raise NoActiveRunError(action)
+    return run
+
+
+def end_run(status: str | None = None) -> str:
+    return _require_active("end the run").end(status)
+
+
+def log_metric(key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
+    run = _active
+    if run is None:
+        raise NoActiveRunError("log a metric")
+    run.log_metric(key, value, step, timestamp)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    _require_active("log metrics").log_metrics(metrics, step)
+
+
+def log_param(key: str, value: Any) -> None:
+    _require_active("log a param").log_param(key, value)
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    _require_active("log params").log_params(params)
+
+
+def set_tag(key: str, value: Any) -> None:
+    _require_active("set a tag").set_tag(key, value)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    _require_active("set tags").set_tags(tags)
+
+
+def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    _require_active("log an artifact").log_artifact(path, artifact_path)
+
+
+def flush(timeout: float = 30.0) -> bool:
+    """Wait until the active (or last) run's records are on the tracking server."""
+    run = _active
+    if run is None:
+        return True
+    return run.wait(timeout)

@@ -1,0 +1,254 @@
+"""Uploads spooled runs to MLflow, exactly once in effect. Runs in the flusher or `sync`.
+
+Per run: create the MLflow run (idempotently, found again by its ``mlops.spool_id`` tag), then
+send records from the uploaded offset in ``log_batch`` calls within MLflow's limits, advancing the
+offset in ``state.json`` only after the server accepted them. Re-sent points after a crash carry
+the same key, timestamp, step and value, which MLflow's store keeps once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .client import MlflowGateway, Rejected, Retryable
+from .spool import (
+    DONE_DIR,
+    EVENTS,
+    FILES,
+    HEADER,
+    REJECTED,
+    STATE,
+    Record,
+    RunLock,
+    atomic_write_json,
+    iter_run_dirs,
+    read_json,
+    read_records,
+    writer_alive,
+)
+
+__all__ = ["Uploader", "PassResult"]
+
+log = logging.getLogger("jupyter_mlops.flusher")
+
+MAX_METRICS = 1000
+MAX_PARAMS_TAGS = 100
+MAX_REQUEST_BYTES = 900_000  # MLflow refuses log_batch requests over 1e6 bytes
+
+
+@dataclass
+class PassResult:
+    runs: int = 0  # run folders seen
+    live: int = 0  # with a live writer
+    uploaded: int = 0  # records uploaded in this pass
+    finished: list[str] = field(default_factory=list)  # spool ids completed in this pass
+    waiting: list[str] = field(default_factory=list)  # errors that will be retried
+    failed: list[str] = field(default_factory=list)  # runs the server refused to create
+
+    @property
+    def pending(self) -> int:
+        return self.runs - len(self.finished)
+
+
+@dataclass
+class _Batch:
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)
+    params: list[tuple[str, str]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
+    size: int = 0
+
+    def full(self, record: Record) -> bool:
+        return (
+            len(self.metrics) >= MAX_METRICS
+            or len(self.params) >= MAX_PARAMS_TAGS
+            or len(self.tags) >= MAX_PARAMS_TAGS
+            or len(self.metrics) + len(self.params) + len(self.tags) >= MAX_METRICS
+            or self.size + sum(map(len, record.fields)) > MAX_REQUEST_BYTES
+        )
+
+    def add(self, record: Record) -> None:
+        f = record.fields
+        if record.kind == "m":
+            self.metrics.append((f[0], float(f[1]), int(f[2]), int(f[3])))
+        elif record.kind == "p":
+            self.params.append((f[0], json.loads(f[1])))
+        else:
+            self.tags[f[0]] = json.loads(f[1])
+        self.records.append(record)
+        self.size += sum(map(len, f)) + 16
+
+
+class Uploader:
+    def __init__(self, spool_dir: Path) -> None:
+        self.spool_dir = spool_dir
+        self._gateways: dict[tuple[str, str | None], MlflowGateway] = {}
+        self._reported: dict[str, str] = {}
+
+    def gateway(self, header: dict[str, Any]) -> MlflowGateway:
+        key = (header["tracking_uri"], header.get("artifact_root"))
+        if key not in self._gateways:
+            self._gateways[key] = MlflowGateway(*key)
+        return self._gateways[key]
+
+    def pass_once(self, *, wait_for_lock: bool = False) -> PassResult:
+        """Upload what is pending in every run folder once. Never raises for a server problem."""
+        result = PassResult()
+        for run_dir in iter_run_dirs(self.spool_dir):
+            result.runs += 1
+            lock = RunLock(run_dir)
+            if not lock.acquire(blocking=wait_for_lock):
+                result.live += 1  # another uploader is on it
+                continue
+            try:
+                self._upload_run(run_dir, result)
+            except Retryable as e:
+                result.waiting.append(f"{run_dir.name}: {e.reason}")
+                self._report(run_dir.name, f"will retry: {e}")
+            except Rejected as e:
+                result.failed.append(f"{run_dir.name}: {e.reason}")
+                self._report(run_dir.name, f"refused: {e}")
+            finally:
+                lock.release()
+        return result
+
+    def _report(self, spool_id: str, message: str) -> None:
+        if self._reported.get(spool_id) != message:  # say it once, not on every retry
+            self._reported[spool_id] = message
+            log.warning("%s: %s", spool_id, message)
+
+    # -- one run ----------------------------------------------------------------------------------
+
+    def _upload_run(self, run_dir: Path, result: PassResult) -> None:
+        header = read_json(run_dir / HEADER)
+        if header is None:
+            return
+        state = read_json(run_dir / STATE) or {"offset": 0}
+        if state.get("failed"):
+            result.failed.append(f"{run_dir.name}: {state['failed']}")
+            return
+        alive = writer_alive(run_dir)  # before reading: a dead writer adds no more records
+        if alive:
+            result.live += 1
+        gateway = self.gateway(header)
+        if not state.get("run_id"):
+            try:
+                self._create_run(gateway, header, state, run_dir)
+            except Rejected as e:
+                state["failed"] = e.reason
+                atomic_write_json(run_dir / STATE, state)
+                raise
+        run_id = state["run_id"]
+        ended = state.get("ended")
+        while True:
+            records = read_records(run_dir, int(state["offset"]))
+            if not records:
+                break
+            i = 0
+            while i < len(records):
+                record = records[i]
+                if record.kind in "mpt":
+                    batch = _Batch()
+                    while i < len(records) and records[i].kind in "mpt" and not batch.full(records[i]):
+                        try:
+                            batch.add(records[i])
+                        except (ValueError, IndexError):  # a damaged line: set aside, go on
+                            self._reject(gateway, run_id, run_dir, records[i], "malformed record")
+                        i += 1
+                    if batch.records:
+                        self._send_batch(gateway, run_id, batch, run_dir)
+                        result.uploaded += len(batch.records)
+                    state["offset"] = records[i - 1].end
+                else:
+                    if record.kind == "a":
+                        spec = json.loads(record.fields[0])
+                        src = run_dir / FILES / spec["src"]
+                        if src.exists():
+                            gateway.log_artifact(run_id, src, spec.get("path"))
+                    elif record.kind == "e":
+                        gateway.terminate(run_id, record.fields[0], int(record.fields[1]))
+                        ended = state["ended"] = record.fields[0]
+                    result.uploaded += 1
+                    state["offset"] = record.end
+                    i += 1
+                atomic_write_json(run_dir / STATE, state)
+        if not alive and not ended and _fully_read(run_dir, int(state["offset"])):
+            # The kernel died without ending the run (killed, crashed, out of memory).
+            gateway.set_tags(run_id, {"mlops.end_reason": "the writing process died before the run ended"})
+            gateway.terminate(run_id, "KILLED", int(time.time() * 1000))
+            ended = state["ended"] = "KILLED"
+            atomic_write_json(run_dir / STATE, state)
+        if ended and not alive and _fully_read(run_dir, int(state["offset"])):
+            self._finish(run_dir, header, state)
+            result.finished.append(run_dir.name)
+
+    def _create_run(self, gateway: MlflowGateway, header: dict[str, Any], state: dict[str, Any], run_dir: Path) -> None:
+        if header.get("run_id"):  # attach to a run someone else created (a pipeline step's)
+            state["run_id"] = header["run_id"]
+            gateway.set_tags(header["run_id"], {k: v for k, v in header["tags"].items() if k != "mlflow.parentRunId"})
+            state["experiment_id"] = None
+        else:
+            exp_id = gateway.experiment_id(header["experiment"])
+            run_id = gateway.find_run(exp_id, header["spool_id"]) if state.get("creating") else None
+            if run_id is None:
+                state["creating"] = True  # a crash from here on is resolved by find_run above
+                atomic_write_json(run_dir / STATE, state)
+                run_id = gateway.create_run(exp_id, header["start_time"], header["tags"], header.get("run_name"))
+            state["run_id"] = run_id
+            state["experiment_id"] = exp_id
+        state.pop("creating", None)
+        state["url"] = gateway.run_url(state.get("experiment_id") or "0", state["run_id"])
+        atomic_write_json(run_dir / STATE, state)
+        log.info("%s: recording into run %s at %s", header["spool_id"], state["run_id"], gateway.uri)
+
+    def _send_batch(self, gateway: MlflowGateway, run_id: str, batch: _Batch, run_dir: Path) -> None:
+        try:
+            gateway.log_batch(run_id, batch.metrics, batch.params, list(batch.tags.items()))
+        except Rejected:
+            # Narrow down: send record by record, set aside only what the server refuses.
+            for record in batch.records:
+                single = _Batch()
+                single.add(record)
+                try:
+                    gateway.log_batch(run_id, single.metrics, single.params, list(single.tags.items()))
+                except Rejected as e:
+                    self._reject(gateway, run_id, run_dir, record, e.reason)
+
+    def _reject(self, gateway: MlflowGateway, run_id: str, run_dir: Path, record: Record, reason: str) -> None:
+        line = json.dumps({"record": [record.kind, *record.fields], "reason": reason})
+        with open(run_dir / REJECTED, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        with open(run_dir / REJECTED, encoding="utf-8") as f:
+            count = sum(1 for _ in f)
+        log.warning("%s: the server refused %s: %s", run_dir.name, record.fields[:1], reason)
+        try:
+            gateway.set_tags(run_id, {"mlops.rejected_records": str(count)})
+        except Rejected:
+            pass
+
+    def _finish(self, run_dir: Path, header: dict[str, Any], state: dict[str, Any]) -> None:
+        done_dir = self.spool_dir / DONE_DIR
+        done_dir.mkdir(exist_ok=True)
+        summary = dict(state)
+        summary.update({k: header.get(k) for k in ("spool_id", "experiment", "run_name", "tracking_uri", "notebook", "invocation")})
+        rejected = run_dir / REJECTED
+        if rejected.exists():
+            shutil.copy2(rejected, done_dir / f"{run_dir.name}.rejected.log")
+            summary["rejected_log"] = str(done_dir / f"{run_dir.name}.rejected.log")
+        atomic_write_json(done_dir / f"{run_dir.name}.json", summary)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.info("%s: run %s complete (%s)", run_dir.name, state["run_id"], state.get("ended"))
+
+
+def _fully_read(run_dir: Path, offset: int) -> bool:
+    try:
+        return os.stat(run_dir / EVENTS).st_size <= offset
+    except FileNotFoundError:
+        return True
