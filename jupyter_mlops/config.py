@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from traitlets import Float, Unicode, default
+from traitlets import Bool, Float, Unicode, default
 from traitlets.config import Config, Configurable
 
 from .errors import ConfigError
@@ -73,6 +73,12 @@ class MlopsConfig(Configurable):
         "",
         help="Folder of the durable local spool that runs are written to before upload. Empty: "
         "<project>/.mlops/spool. Env: MLOPS_SPOOL_DIR.",
+    ).tag(config=True)
+
+    flusher_autostart = Bool(
+        True,
+        help="Start the background uploader when a run starts or ends. Off: runs stay spooled "
+        "until `jupyter mlops sync` (e.g. where a central job uploads).",
     ).tag(config=True)
 
     flusher_idle_timeout = Float(

@@ -34,9 +34,6 @@ __all__ = ["ensure_running", "prepare_spool_dir", "running_pid", "sync", "main"]
 FLUSHER_LOCK = "flusher.lock"
 FLUSHER_LOG = "flusher.log"
 
-_spawned: list[subprocess.Popen[bytes]] = []
-
-
 def prepare_spool_dir(spool_dir: Path, config: MlopsConfig) -> None:
     """Create the spool folder (and the embedded ``.mlops/`` with a ``.gitignore``), or say why not."""
     try:
@@ -72,12 +69,11 @@ def running_pid(spool_dir: Path) -> int | None:
 
 def ensure_running(spool_dir: Path, config: MlopsConfig, *, nudge: bool = False) -> None:
     """Start a flusher for ``spool_dir`` unless one runs; ``nudge`` wakes a running one at once."""
-    for proc in list(_spawned):  # reap flushers this kernel started that have exited
-        if proc.poll() is not None:
-            _spawned.remove(proc)
+    if not config.flusher_autostart:
+        return
     pid = running_pid(spool_dir)
     if pid is None:
-        _spawned.append(_spawn(spool_dir, config))
+        _spawn(spool_dir, config)
     elif nudge and pid > 0:
         try:
             os.kill(pid, signal.SIGUSR1)
@@ -85,20 +81,23 @@ def ensure_running(spool_dir: Path, config: MlopsConfig, *, nudge: bool = False)
             pass
 
 
-def _spawn(spool_dir: Path, config: MlopsConfig) -> subprocess.Popen[bytes]:
+def _spawn(spool_dir: Path, config: MlopsConfig) -> None:
+    """Start a detached flusher: in a session of its own (a kernel interrupt, a SIGINT to the
+    kernel's process group, must not reach it), and orphaned at once through ``sh ... &`` so the
+    kernel neither waits for it nor keeps a zombie when it exits."""
     env = dict(os.environ)
     env["MLOPS_FLUSHER_IDLE"] = str(config.flusher_idle_timeout)
     env["MLOPS_FLUSHER_LINGER"] = str(config.flusher_max_linger)
-    log_path = spool_dir / FLUSHER_LOG
-    with open(log_path, "ab") as log_file:
-        return subprocess.Popen(
-            [config.flusher_python, "-m", "jupyter_mlops.tracking", str(spool_dir)],
+    with open(spool_dir / FLUSHER_LOG, "ab") as log_file:
+        subprocess.run(
+            ["/bin/sh", "-c", '"$@" &', "sh", config.flusher_python, "-m", "jupyter_mlops.tracking", str(spool_dir)],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # a kernel interrupt (SIGINT to its group) must not reach it
+            start_new_session=True,
             env=env,
             cwd=str(spool_dir),
+            check=False,
         )
 
 

@@ -227,7 +227,7 @@ class Uploader:
             f.write(line + "\n")
         with open(run_dir / REJECTED, encoding="utf-8") as f:
             count = sum(1 for _ in f)
-        log.warning("%s: the server refused %s: %s", run_dir.name, record.fields[:1], reason)
+        log.warning("%s: set aside %s record %s (see %s): %s", run_dir.name, record.kind, record.fields[:1], REJECTED, reason)
         try:
             gateway.set_tags(run_id, {"mlops.rejected_records": str(count)})
         except Rejected:

@@ -1,0 +1,221 @@
+"""Shared fixtures: isolated projects, a real `mlflow server` on loopback, real kernels.
+
+Every test gets its own project folder (a real git repository), spool and tracking store; the
+environment variables that point the product at them are set per test and undone after.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from jupyter_mlops.config import MlopsConfig, load_config
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.email=test@example.invalid", "-c", "user.name=test", *args],
+        cwd=cwd, check=True, capture_output=True, text=True,
+    ).stdout
+
+
+@dataclass
+class Project:
+    root: Path
+    tracking_uri: str
+
+    @property
+    def spool(self) -> Path:
+        return self.root / ".mlops" / "spool"
+
+    def config(self, **overrides: Any) -> MlopsConfig:
+        settings: dict[str, Any] = {"project_root": str(self.root), "tracking_uri": self.tracking_uri, **overrides}
+        return load_config(read_files=False, **settings)
+
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+
+def stop_flusher(spool: Path) -> None:
+    from jupyter_mlops.tracking.flusher import running_pid
+
+    pid = running_pid(spool)
+    if pid and pid > 0:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def mlops_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+    """A git repository with one commit, used as the project root with the embedded store."""
+    root = tmp_path / "project"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    (root / "README.md").write_text("test project\n")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "init")
+    uri = "sqlite:///" + str(root / ".mlops" / "mlflow.db")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLOPS_PROJECT_ROOT", str(root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLOPS_FLUSHER_IDLE", "1")
+    for name in ("MLOPS_SPOOL_DIR", "MLOPS_EXPERIMENT", "MLFLOW_EXPERIMENT_NAME", "MLOPS_PARENT_RUN_ID",
+                 "MLOPS_RUN_ID", "MLOPS_NOTEBOOK_PATH", "MLOPS_OUTPUT_NOTEBOOK_PATH", "JPY_SESSION_NAME",
+                 "MLOPS_NOTEBOOK_PARAMETERS", "MLOPS_INVOCATION_ID"):
+        monkeypatch.delenv(name, raising=False)
+    project = Project(root, uri)
+    yield project
+    stop_flusher(project.spool)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on a loopback port, with a SQLite backend; stoppable, restartable."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        log = open(self.folder / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server",
+             "--backend-store-uri", "sqlite:///" + str(self.folder / "server.db"),
+             "--artifacts-destination", str(self.folder / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)  # waiting for a server to start listening: nothing to block on
+        raise RuntimeError("mlflow server did not answer /health in time")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlops_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real mlflow server for the session's tests that only read and write through it."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlops_private_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A server of this test's own, which the test may stop and restart."""
+    server = MlflowServer(tmp_path / "server")
+    server.folder.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlops_readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody can write to: a read-only tmpfs as root, mode 0500 otherwise."""
+    path = tmp_path / "readonly"
+    path.mkdir()
+    if os.geteuid() == 0:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"running as root and cannot mount a read-only tmpfs: {done.stderr.decode().strip()}")
+        yield path
+        subprocess.run(["umount", str(path)], check=False)
+    else:
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+
+
+def make_notebook(path: Path, cells: list[str], parameters: str | None = None) -> Path:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    if parameters is not None:
+        cell = nbformat.v4.new_code_cell(parameters)
+        cell.metadata["tags"] = ["parameters"]
+        nb.cells.append(cell)
+    nb.cells.extend(nbformat.v4.new_code_cell(source) for source in cells)
+    nbformat.write(nb, path)
+    return path
+
+
+def execute_notebook(path: Path, *, allow_errors: bool = False, timeout: int = 120) -> Any:
+    """Run a notebook in a real kernel with nbclient; returns the executed notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    nbformat.write(nb, path)
+    return nb
+
+
+def cell_text(nb: Any, index: int) -> str:
+    """Everything a cell printed or raised, as text."""
+    out = []
+    for output in nb.cells[index].get("outputs", []):
+        if output.get("output_type") == "stream":
+            out.append(output["text"])
+        elif output.get("output_type") == "error":
+            out.append(f"{output['ename']}: {output['evalue']}\n" + "\n".join(output.get("traceback", [])))
+        elif "data" in output:
+            out.append(output["data"].get("text/plain", ""))
+    return "".join(out)
+
+
+def find_run(project_or_uri: Any, experiment: str) -> Any:
+    from mlflow import MlflowClient
+
+    uri = project_or_uri if isinstance(project_or_uri, str) else project_or_uri.tracking_uri
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment!r} was not created"
+    runs = client.search_runs([exp.experiment_id], order_by=["start_time DESC"])
+    assert runs, f"no run in experiment {experiment!r}"
+    return runs[0]
