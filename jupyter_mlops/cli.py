@@ -89,24 +89,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not result.runs:
         print("The notebook tracked no run (it has no `%mlops track`).")
     for run in result.runs:
-        _print_run(run, config.uses_embedded_store)
+        _print_run(run)
     return 1 if result.error or any(not r.done for r in result.runs) else 0
 
 
-def _print_run(run: object, embedded: bool) -> None:
+def _print_run(run: object) -> None:
     from .tracking.ledger import SpooledRun
 
     assert isinstance(run, SpooledRun)
     header = run.header
     if not run.done:
-        print(f"Run {run.spool_id} is still spooled ({run.pending_bytes} bytes): "
-              "the tracking server did not take it yet; `jupyter mlops sync` uploads it.")
+        reason = run.state.get("waiting") or "the tracking server did not take it yet"
+        print(f"Run {run.spool_id} is kept in the local spool ({run.pending_bytes} bytes, nothing lost): {reason}.")
+        print("  Upload it once the server answers: jupyter mlops sync")
         return
     print(f"Run {run.run_id} ({run.status}) recorded in experiment {header.get('experiment')!r}")
     print(f"  tracking store: {header.get('tracking_uri')}")
     if run.state.get("url"):
         print(f"  see it: {run.state['url']}")
-    elif embedded:
+    elif not str(header.get("tracking_uri", "")).startswith(("http://", "https://")):
         print("  see it: jupyter mlops ui   (then open http://127.0.0.1:5000)")
     if run.state.get("rejected_log"):
         print(f"  some records were refused by the server: {run.state['rejected_log']}")

@@ -139,10 +139,12 @@ def _status(args: argparse.Namespace) -> None:
     ]
     if state.get("url"):
         lines.append(("see it", state["url"]))
-    elif run.header["tracking_uri"].startswith("sqlite:"):
+    elif not run.header["tracking_uri"].startswith(("http://", "https://")):
         lines.append(("see it", "jupyter mlops ui   (then open http://127.0.0.1:5000)"))
     pending = run.pending_bytes()
     lines.append(("upload", f"{pending} bytes waiting" if pending else "up to date"))
+    if state.get("waiting"):
+        lines.append(("retrying", state["waiting"]))
     for key, value in lines:
         print(f"{key + ':':<12}{value}")
 

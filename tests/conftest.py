@@ -101,14 +101,8 @@ class MlflowServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> None:
-        log = open(self.folder / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", "sqlite:///" + str(self.folder / "server.db"),
-             "--artifacts-destination", str(self.folder / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.folder / "server.log", "ab") as log:
+            self.proc = self._launch(log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -121,6 +115,15 @@ class MlflowServer:
                 pass
             time.sleep(0.2)  # waiting for a server to start listening: nothing to block on
         raise RuntimeError("mlflow server did not answer /health in time")
+
+    def _launch(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server",
+             "--backend-store-uri", "sqlite:///" + str(self.folder / "server.db"),
+             "--artifacts-destination", str(self.folder / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -93,6 +93,11 @@ def run_notebook(
     return result
 
 
+def _stuck(run: SpooledRun, after: float) -> bool:
+    since = run.state.get("waiting_since")
+    return bool(run.state.get("waiting")) and since is not None and time.time() - float(since) >= after
+
+
 def _parameters_json(src: Path, parameters: Mapping[str, Any]) -> str:
     """Defaults of the notebook's parameters cell and the injected values, for the run's params."""
     import nbformat
@@ -131,8 +136,13 @@ def wait_for_runs(
     config: MlopsConfig,
     timeout: float,
     on_wait: Callable[[list[SpooledRun]], None] | None = None,
+    give_up_after: float = 10.0,
 ) -> list[SpooledRun]:
-    """Wait until every run of ``invocation`` is uploaded (or ``timeout``); return them."""
+    """Wait until every run of ``invocation`` is uploaded; return them.
+
+    Stops early when the uploader has been unable to reach the server for ``give_up_after``
+    seconds for every remaining run (see ``SpooledRun.waiting``), or at ``timeout``.
+    """
     deadline = time.monotonic() + timeout
     runs = spooled_runs(spool_dir, invocation)
     if any(not r.done for r in runs):
@@ -140,6 +150,8 @@ def wait_for_runs(
     delay = 0.05
     told = False
     while any(not r.done for r in runs) and time.monotonic() < deadline:
+        if all(_stuck(r, give_up_after) for r in runs if not r.done):
+            break  # the server does not answer: the runs stay spooled, say so now
         if on_wait and not told:
             on_wait(runs)
             told = True

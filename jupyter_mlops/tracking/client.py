@@ -34,9 +34,23 @@ class Rejected(TrackingServerError):
     """The server refused the request itself; sending it again will not help."""
 
 
+# How an unreachable server shows up inside MLflow's (long) messages, and what to say instead.
+_UNREACHABLE = (
+    ("Connection refused", "not answering (connection refused)"),
+    ("Name or service not known", "host name not found"),
+    ("Max retries exceeded", "not answering"),
+    ("timed out", "timed out"),
+    ("database is locked", "database is locked by another writer"),
+)
+
+
 def _classify(uri: str, e: BaseException) -> TrackingServerError:
     from mlflow.exceptions import MlflowException
 
+    text = str(e)
+    for needle, plain in _UNREACHABLE:
+        if needle in text:
+            return Retryable(uri, plain)
     if isinstance(e, MlflowException):
         status = e.get_http_status_code()
         message = e.message if hasattr(e, "message") else str(e)

@@ -110,8 +110,9 @@ class Uploader:
             try:
                 self._upload_run(run_dir, result)
             except Retryable as e:
-                result.waiting.append(f"{run_dir.name}: {e.reason}")
+                result.waiting.append(f"{run_dir.name}: {e}")
                 self._report(run_dir.name, f"will retry: {e}")
+                _set_waiting(run_dir, str(e))
             except Rejected as e:
                 result.failed.append(f"{run_dir.name}: {e.reason}")
                 self._report(run_dir.name, f"refused: {e}")
@@ -131,6 +132,8 @@ class Uploader:
         if header is None:
             return
         state = read_json(run_dir / STATE) or {"offset": 0}
+        state.pop("waiting", None)  # written back with the first progress of this pass
+        state.pop("waiting_since", None)
         if state.get("failed"):
             result.failed.append(f"{run_dir.name}: {state['failed']}")
             return
@@ -245,6 +248,14 @@ class Uploader:
         atomic_write_json(done_dir / f"{run_dir.name}.json", summary)
         shutil.rmtree(run_dir, ignore_errors=True)
         log.info("%s: run %s complete (%s)", run_dir.name, state["run_id"], state.get("ended"))
+
+
+def _set_waiting(run_dir: Path, reason: str) -> None:
+    """Note in the run's state why it is not uploading (readers show it; the next success clears it)."""
+    state = read_json(run_dir / STATE) or {"offset": 0}
+    state["waiting"] = reason
+    state["waiting_since"] = state.get("waiting_since") or time.time()
+    atomic_write_json(run_dir / STATE, state)
 
 
 def _fully_read(run_dir: Path, offset: int) -> bool:

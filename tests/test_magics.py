@@ -1,0 +1,117 @@
+"""%mlops in real kernels executing real notebooks; runs read back through MLflow's client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import Project, cell_text, execute_notebook, find_run, git, make_notebook
+
+
+def test_a_tracked_notebook_records_everything(mlops_project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = make_notebook(
+        mlops_project.root / "train.ipynb",
+        [
+            "%load_ext jupyter_mlops\n%mlops track --experiment magic --name first",
+            "for i in range(5):\n    %mlops log loss={1/(i+1)} --step {i}",
+            "%mlops params lr=0.1 model=rf\n%mlops tag stage=dev",
+            "open('out.txt', 'w').write('result')\n%mlops artifact out.txt --path results",
+            "%mlops status",
+            "%mlops end",
+            "%mlops flush",
+        ],
+    )
+    git(mlops_project.root, "add", "train.ipynb")
+    git(mlops_project.root, "commit", "-qm", "notebook")
+    monkeypatch.setenv("MLOPS_NOTEBOOK_PATH", str(nb))
+    executed = execute_notebook(nb)
+    assert "Tracking" in cell_text(executed, 0) and "magic" in cell_text(executed, 0)
+    status = cell_text(executed, 4)
+    assert "experiment: magic" in status and "tracking:" in status
+    assert "up to date" in cell_text(executed, 6)
+
+    run = find_run(mlops_project, "magic")
+    client = mlops_project.client()
+    assert run.info.status == "FINISHED" and run.info.run_name == "first"
+    assert run.data.params == {"lr": "0.1", "model": "rf"}
+    assert run.data.tags["stage"] == "dev"
+    assert run.data.tags["mlflow.source.name"] == str(nb)
+    assert run.data.tags["mlflow.source.git.commit"] == git(mlops_project.root, "rev-parse", "HEAD").strip()
+    assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)] == [0, 1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results", "notebook", "environment"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "notebook")] == ["notebook/train.ipynb"]
+
+
+def test_usage_errors_are_one_line_without_traceback(mlops_project: Project) -> None:
+    nb = make_notebook(
+        mlops_project.root / "bad.ipynb",
+        [
+            "%load_ext jupyter_mlops",
+            "%mlops log acc=1",
+            "%mlops track --bogus",
+            "%mlops frobnicate",
+            "%mlops track --experiment bad",
+            "%mlops log acc=high",
+            "%mlops log acc",
+            "%mlops params lr=1\n%mlops params lr=2",
+            "%mlops artifact missing.bin",
+            "%mlops --help",
+            "%mlops end --status WHATEVER",
+        ],
+    )
+    executed = execute_notebook(nb, allow_errors=True)
+    expected = {
+        1: "no run is active",
+        2: "unrecognized arguments: --bogus",
+        3: "invalid choice: 'frobnicate'",
+        5: "needs a number, got 'high'",
+        6: "expected KEY=VALUE",
+        7: "already logged as '1'",
+        8: "no such file",
+        10: "invalid choice: 'WHATEVER'",
+    }
+    for index, fragment in expected.items():
+        text = cell_text(executed, index)
+        assert fragment in text, (index, text)
+        assert "UsageError" in text and "Traceback" not in text and "---------" not in text, (index, text)
+    help_text = cell_text(executed, 9)
+    assert "track" in help_text and "artifact" in help_text and "Error" not in help_text
+
+
+def test_a_cell_that_raises_at_the_end_fails_the_run(mlops_project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = make_notebook(
+        mlops_project.root / "fails.ipynb",
+        ["%load_ext jupyter_mlops\n%mlops track --experiment failing", "%mlops log x=1", "raise ValueError('bad data')"],
+    )
+    monkeypatch.setenv("MLOPS_NOTEBOOK_PATH", str(nb))
+    execute_notebook(nb, allow_errors=True)  # the kernel shuts down after the failing cell
+    from jupyter_mlops.tracking.flusher import sync
+
+    sync(mlops_project.spool)
+    run = find_run(mlops_project, "failing")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["mlops.error"] == "ValueError: bad data"
+    assert run.data.metrics == {"x": 1.0}
+    assert "notebook" in {a.path for a in mlops_project.client().list_artifacts(run.info.run_id)}
+
+
+def test_tracking_again_ends_the_previous_run(mlops_project: Project) -> None:
+    nb = make_notebook(
+        mlops_project.root / "twice.ipynb",
+        ["%load_ext jupyter_mlops\n%mlops track --experiment twice", "%mlops track --experiment twice", "%mlops end\n%mlops flush"],
+    )
+    executed = execute_notebook(nb)
+    assert "Ended the previous run" in cell_text(executed, 1)
+    client = mlops_project.client()
+    runs = client.search_runs([client.get_experiment_by_name("twice").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+
+
+def test_an_unwritable_spool_is_one_clear_line(mlops_project: Project, mlops_readonly_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLOPS_SPOOL_DIR", str(mlops_readonly_dir / "spool"))
+    nb = make_notebook(mlops_project.root / "ro.ipynb", ["%load_ext jupyter_mlops\n%mlops track"])
+    text = cell_text(execute_notebook(nb, allow_errors=True), 0)
+    assert "cannot write the tracking spool" in text and "MLOPS_SPOOL_DIR" in text
+    assert "Traceback" not in text
