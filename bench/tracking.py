@@ -5,7 +5,8 @@
 Measures, each against what a user would do without us (the anchor), interleaved, medians:
 
 1. caller cost of ``run.log_metric`` (the flusher live, uploading in the background)
-   vs MLflow's own non-blocking path, ``MlflowClient.log_metric(..., synchronous=False)``;
+   vs the call time of ``MlflowClient.log_metric`` (from 2) and, in the default run, vs MLflow's
+   own non-blocking path, ``MlflowClient.log_metric(..., synchronous=False)``;
 2. end to end, first ``log_metric`` until ``run.wait()`` says the store has every point,
    vs ``MlflowClient.log_metric`` per point and vs ``MlflowClient.log_batch`` in chunks of 1000,
    on one SQLite store and then through a real ``mlflow server`` on loopback;
@@ -19,6 +20,7 @@ benchmark caused are stopped. The last line of stdout is one JSON object (see be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -122,8 +124,9 @@ class MlflowServer:
         self.log_path = folder / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120.0) -> float:
-        t0 = time.perf_counter()
+    def launch(self) -> None:
+        """Start the server; it comes up in the background (see :meth:`wait_ready`)."""
+        self.t0 = time.perf_counter()
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server",
@@ -133,6 +136,10 @@ class MlflowServer:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=str(self.folder), start_new_session=True,
             )
+
+    def wait_ready(self, timeout: float = 180.0) -> float:
+        """Block until GET /health answers; return seconds since :meth:`launch`."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -140,7 +147,7 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(self.uri + "/health", timeout=1) as r:
                     if r.status == 200:
-                        return time.perf_counter() - t0
+                        return time.perf_counter() - self.t0
             except OSError:
                 pass
             time.sleep(0.1)  # nothing to block on until the server listens
@@ -156,10 +163,18 @@ class MlflowServer:
             except ProcessLookupError:
                 pass
             try:
-                self.proc.wait(15)
+                # A throwaway server: a few seconds for a clean exit, then the whole group goes.
+                self.proc.wait(3)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 self.proc.wait()
+        try:  # anything of its group still there (a worker that outlived the leader)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.proc = None
 
 
@@ -187,14 +202,11 @@ class Store:
         )
 
     def new_run_id(self) -> str:
+        """A fresh MLflow run for an anchor (not timed)."""
         return self.client.create_run(self.experiment_id).info.run_id
 
     def stop_flusher(self) -> None:
-        from jupyter_mlops.tracking.flusher import running_pid
-
-        pid = running_pid(self.spool_dir)
-        if pid and pid > 0:
-            stop_pid(pid, grace=15.0)
+        stop_flusher(self.spool_dir)
 
 
 # -- the contenders -----------------------------------------------------------------------------------
@@ -239,7 +251,7 @@ def anchor_sync(store: Store, n: int) -> float:
     for i in range(n):
         client.log_metric(run_id, KEY, 0.5 + i * 1e-6, step=i)
     dt = time.perf_counter() - t0
-    client.set_terminated(run_id)
+    end_run(store, run_id)
     return dt / n * 1e6
 
 
@@ -258,8 +270,13 @@ def anchor_log_batch(store: Store, n: int) -> float:
     if batch:
         client.log_batch(run_id, metrics=batch)
     dt = time.perf_counter() - t0
-    client.set_terminated(run_id)
+    end_run(store, run_id)
     return dt / n * 1e6
+
+
+def end_run(store: Store, run_id: str) -> None:
+    with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run ..." links for a server
+        store.client.set_terminated(run_id)
 
 
 def check_points(store: Store, run_id: str, n: int) -> None:
@@ -283,26 +300,34 @@ def ours_caller(store: Store, n: int) -> float:
 
 
 def anchor_async_caller(store: Store, n: int) -> float:
-    """MLflow's own non-blocking logging: the caller's cost per call, then drained (not timed)."""
-    import mlflow
+    """MLflow's own non-blocking logging: the caller's cost per call, then drained (not timed).
 
+    Its worker thread shares the caller's GIL and drains at about the synchronous rate (some
+    7 ms a point with MLflow 3.17 on SQLite), so the drain is waited for, untimed, before
+    anything else is measured; hence the small N, and only in the default run.
+    """
     run_id = store.new_run_id()
     client = store.client
+    op = None
     t0 = time.perf_counter()
     for i in range(n):
-        client.log_metric(run_id, KEY, 0.5, step=i, synchronous=False)
+        op = client.log_metric(run_id, KEY, 0.5, step=i, synchronous=False)
     dt = time.perf_counter() - t0
-    mlflow.flush_async_logging()
-    client.set_terminated(run_id)
+    if op is not None:
+        op.wait()
+    deadline = time.monotonic() + 300
+    while len(client.get_metric_history(run_id, KEY)) < n and time.monotonic() < deadline:
+        time.sleep(0.1)  # the last operation's wait() returns a few points early
+    end_run(store, run_id)
     return dt / n * 1e6
 
 
-def interleave(rounds: int, contenders: list[tuple[str, Callable[[], Any]]], *, warmup: bool = True) -> dict[str, list[Any]]:
-    """A warm-up round, then ``rounds`` rounds; odd rounds run the contenders in reverse order."""
+def interleave(rounds: int, contenders: list[tuple[str, Callable[[], Any]]],
+               warmup: list[Callable[[], Any]] | None = None) -> dict[str, list[Any]]:
+    """Warm-up calls first (untimed), then ``rounds`` rounds A B ...; odd rounds run in reverse order."""
+    for fn in warmup or []:
+        fn()
     results: dict[str, list[Any]] = {name: [] for name, _ in contenders}
-    if warmup:
-        for name, fn in contenders:
-            fn()
     for r in range(rounds):
         order = contenders if r % 2 == 0 else list(reversed(contenders))
         for name, fn in order:
@@ -322,17 +347,41 @@ def anchor_cell(uri: str) -> str:
     return f"import mlflow\nmlflow.set_tracking_uri({uri!r})\nmlflow.start_run()"
 
 
-def kernel_once(code: str, env: dict[str, str], cwd: Path, ours: bool) -> tuple[float, float]:
-    """Fresh kernel: run one cell; return (wall seconds, kernel VmHWM growth in MiB)."""
-    from jupyter_client import KernelManager
+class Kernels:
+    """Fresh kernels, one per measure, each with its own spool folder."""
 
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env, cwd=str(cwd))
-    kc = km.client()
-    flusher_pids: list[int] = []
-    try:
-        kc.start_channels()
-        kc.wait_for_ready(timeout=120)
+    def __init__(self, tmp: Path, uri: str) -> None:
+        self.tmp = tmp
+        self.uri = uri
+        self.project = tmp / "kernel-project"
+        self.project.mkdir()
+        self.count = 0
+        env = dict(os.environ)
+        for name in ("JPY_SESSION_NAME", "MLOPS_NOTEBOOK_PATH", "MLOPS_RUN_ID", "MLOPS_PARENT_RUN_ID",
+                     "MLOPS_EXPERIMENT", "MLFLOW_EXPERIMENT_NAME", "MLOPS_TRACKING_URI", "MLOPS_INVOCATION_ID"):
+            env.pop(name, None)  # nothing from the caller's shell changes what the kernels do
+        env.update({"MLOPS_PROJECT_ROOT": str(self.project), "MLFLOW_TRACKING_URI": uri,
+                    "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
+        self.env = env
+        self.spools: list[Path] = []
+
+    def ours(self) -> tuple[float, float]:
+        return self.once(OURS_CELL, ours=True)
+
+    def mlflow(self) -> tuple[float, float]:
+        return self.once(anchor_cell(self.uri), ours=False)
+
+    def once(self, code: str, ours: bool) -> tuple[float, float]:
+        """Fresh kernel: run one cell; return (wall seconds, kernel VmHWM growth in MiB)."""
+        from jupyter_client import KernelManager
+
+        self.count += 1
+        spool = self.tmp / f"kernel-spool-{self.count}"  # a killed kernel's run is no next kernel's work
+        self.spools.append(spool)
+        env = dict(self.env, MLOPS_SPOOL_DIR=str(spool))
+        km = KernelManager(kernel_name="python3")
+        km.start_kernel(env=env, cwd=str(self.project))
+        kc = km.client()
         outputs: list[str] = []
 
         def hook(msg: dict[str, Any]) -> None:
@@ -342,39 +391,50 @@ def kernel_once(code: str, env: dict[str, str], cwd: Path, ours: bool) -> tuple[
             elif msg["msg_type"] == "error":
                 outputs.append("\n".join(content.get("traceback", [])))
 
-        # One no-op cell first, in both kernels: the first execution's own setup is no one's cost.
-        kc.execute_interactive("pass", timeout=60, output_hook=hook)
-        pid = km.provisioner.pid  # type: ignore[union-attr]
-        before = vm_hwm_kib(pid)
-        outputs.clear()
-        t0 = time.perf_counter()
-        reply = kc.execute_interactive(code, timeout=300, output_hook=hook)
-        wall = time.perf_counter() - t0
-        after = vm_hwm_kib(pid)
-        if reply["content"]["status"] != "ok":
-            raise RuntimeError(f"cell failed in the kernel:\n{code}\n{''.join(outputs)}")
-        if ours:
+        try:
+            kc.start_channels()
+            kc.wait_for_ready(timeout=120)
+            # A no-op cell first, in both kernels: a kernel's first execution is no one's cost.
+            kc.execute_interactive("pass", timeout=60, output_hook=hook)
+            pid = km.provisioner.pid  # type: ignore[union-attr]
+            before = vm_hwm_kib(pid)
             outputs.clear()
-            kc.execute_interactive(
-                "from jupyter_mlops.tracking import flusher as _f\nprint(*[p.pid for p in _f._spawned])",
-                timeout=60, output_hook=hook,
-            )
-            flusher_pids = [int(p) for p in "".join(outputs).split()]
-        return wall, (after - before) / 1024
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-        # The flusher our cell started uploads in a session of its own; its work is not measured
-        # here, and it would compete with the next kernel for the CPU: stop it now.
-        for fpid in flusher_pids:
-            stop_pid(fpid, grace=0.0, sig=signal.SIGKILL)
+            t0 = time.perf_counter()
+            reply = kc.execute_interactive(code, timeout=300, output_hook=hook)
+            wall = time.perf_counter() - t0
+            after = vm_hwm_kib(pid)
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"cell failed in the kernel:\n{code}\n{''.join(outputs)}")
+            return wall, (after - before) / 1024
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+            if ours:
+                # The flusher the cell started uploads in a session of its own. Its work is not
+                # measured here and would compete with the next kernel for the CPU: stop it.
+                stop_flusher(spool, wait_for_start=15.0, sig=signal.SIGKILL)
+
+
+def stop_flusher(spool_dir: Path, *, wait_for_start: float = 0.0, sig: int = signal.SIGTERM) -> None:
+    """Stop the flusher serving ``spool_dir`` (found by its lock file), waiting for it to start."""
+    from jupyter_mlops.tracking.flusher import running_pid
+
+    deadline = time.monotonic() + wait_for_start
+    while True:
+        pid = running_pid(spool_dir) if spool_dir.exists() else None
+        if pid and pid > 0:
+            stop_pid(pid, grace=15.0, sig=sig)
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)  # it is starting (-1: lock taken, pid not written yet)
 
 
 # -- report -------------------------------------------------------------------------------------------
 
 
-def fmt(value: float, unit: str) -> str:
-    if value != value:  # nan
+def fmt(value: float | None, unit: str) -> str:
+    if value is None or value != value:
         return "-"
     if unit == "us":
         return f"{value:,.2f} us" if value < 100 else f"{value:,.0f} us"
@@ -385,183 +445,172 @@ def fmt(value: float, unit: str) -> str:
     return f"{value:g}"
 
 
-def goal_met(value: float, goal: str) -> str:
-    if value != value:
+def goal_met(value: float | None, goal: str) -> str:
+    if value is None or value != value:
         return ""
     target = float(goal[2:])
     ok = value <= target if goal.startswith("<=") else value >= target
     return "yes" if ok else "NO"
 
 
+QUICK = dict(caller_n=20_000, async_n=0, caller_rounds=3, e2e_n=2_000, sync_n=50,
+             e2e_rounds=3, server_rounds=3, kernel_rounds=2, kernel_warmup=False)
+DEFAULT = dict(caller_n=100_000, async_n=500, caller_rounds=5, e2e_n=5_000, sync_n=200,
+               e2e_rounds=5, server_rounds=5, kernel_rounds=5, kernel_warmup=True)
+
+
+def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
+    m: dict[str, float] = {}
+    server = MlflowServer(tmp / "server")
+    stores: list[Store] = []
+    kernels: Kernels | None = None
+    try:
+        # The server comes up in the background while the untimed setup below runs.
+        server.launch()
+        log(f"launched mlflow server on {server.uri}")
+        import mlflow  # noqa: F401  (imported once, before anything is timed)
+
+        from jupyter_mlops import tracking  # noqa: F401
+
+        local = Store("sqlite", "sqlite:///" + str(tmp / "db.sqlite"), tmp, (tmp / "artifacts").as_uri())
+        stores.append(local)
+        ours_caller(local, 2_000)  # warm-up; starts the flusher
+        if p["async_n"]:
+            anchor_async_caller(local, 50)
+        m["server_start_s"] = server.wait_ready()
+        log(f"mlflow server answered /health {m['server_start_s']:.1f} s after launch")
+
+        # 1. caller cost -------------------------------------------------------------------------
+        log(f"caller cost: {p['caller_n']:,} calls (ours)"
+            + (f", {p['async_n']:,} (mlflow async)" if p["async_n"] else "") + f" x {p['caller_rounds']}")
+        contenders = [("ours", lambda: ours_caller(local, p["caller_n"]))]
+        if p["async_n"]:
+            contenders.insert(0, ("mlflow_async", lambda: anchor_async_caller(local, p["async_n"])))
+        caller = interleave(p["caller_rounds"], contenders)
+        m["caller_us_per_metric"] = median(caller["ours"])
+        if p["async_n"]:
+            m["caller_mlflow_async_us_per_metric"] = median(caller["mlflow_async"])
+
+        # 2. end to end, SQLite store, then server -----------------------------------------------
+        for label, rounds, key in (("sqlite", p["e2e_rounds"], ""), ("server", p["server_rounds"], "server_")):
+            if label == "server":
+                local.stop_flusher()
+                store = Store("server", server.uri, tmp, None)
+                stores.append(store)
+            else:
+                store = local
+            log(f"end to end, {label}: {p['e2e_n']:,} metrics (ours, log_batch), {p['sync_n']} (sync) x {rounds}")
+            res = interleave(rounds, [
+                ("mlflow_sync", lambda: anchor_sync(store, p["sync_n"])),
+                ("ours", lambda: ours_e2e(store, p["e2e_n"])),
+                ("log_batch", lambda: anchor_log_batch(store, p["e2e_n"])),
+            ], warmup=[lambda: anchor_sync(store, 10), lambda: ours_e2e(store, 200), lambda: anchor_log_batch(store, 200)])
+            m[f"{key}end_to_end_us_per_metric"] = median(res["ours"])
+            m[f"{key}mlflow_sync_us_per_metric"] = median(res["mlflow_sync"])
+            m[f"{key}log_batch_us_per_metric"] = median(res["log_batch"])
+        t0 = time.perf_counter()
+        for store in stores:
+            store.stop_flusher()
+        t1 = time.perf_counter()
+        server.stop()
+        log(f"stopped the flushers in {t1 - t0:.1f} s and the server in {time.perf_counter() - t1:.1f} s")
+
+        # 3. %mlops track in a fresh kernel vs mlflow.start_run --------------------------------
+        # The SQLite store's schema exists already: the anchor kernel pays no migrations.
+        kernels = Kernels(tmp, local.uri)
+        log(f"fresh kernels: {p['kernel_rounds']} x (ours, mlflow)" + (", after a warm-up pair" if p["kernel_warmup"] else ""))
+        res = interleave(p["kernel_rounds"], [("ours", kernels.ours), ("mlflow", kernels.mlflow)],
+                         warmup=[kernels.ours, kernels.mlflow] if p["kernel_warmup"] else None)
+        m["track_startup_s"] = median([t for t, _ in res["ours"]])
+        m["track_rss_mib"] = median([r for _, r in res["ours"]])
+        m["mlflow_startup_s"] = median([t for t, _ in res["mlflow"]])
+        m["mlflow_rss_mib"] = median([r for _, r in res["mlflow"]])
+    finally:
+        server.stop()
+        spools = [store.spool_dir for store in stores] + (kernels.spools if kernels else [])
+        for spool in spools:
+            try:
+                stop_flusher(spool)
+            except Exception as e:  # cleanup goes on
+                log(f"could not stop the flusher of {spool}: {e}")
+    return m
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller N (< 60 s on 2 cores)")
     args = parser.parse_args(argv)
-
-    if args.quick:
-        p = dict(caller_n=20_000, async_n=2_000, caller_rounds=3, e2e_n=2_000, sync_n=100,
-                 e2e_rounds=3, server_rounds=2, kernel_rounds=2, kernel_warmup=False)
-    else:
-        p = dict(caller_n=100_000, async_n=10_000, caller_rounds=5, e2e_n=5_000, sync_n=200,
-                 e2e_rounds=5, server_rounds=5, kernel_rounds=5, kernel_warmup=True)
+    p = QUICK if args.quick else DEFAULT
 
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     old_cwd = os.getcwd()
     os.chdir(tmp)  # MLflow's defaults (./mlruns, ./mlartifacts) land in the temp folder, not the repo
-    server: MlflowServer | None = None
-    stores: list[Store] = []
-    m: dict[str, float] = {}
+    log(f"temp folder {tmp}; {'quick' if args.quick else 'default'} mode: {p}")
     try:
-        log(f"temp folder {tmp}; {'quick' if args.quick else 'default'} mode: {p}")
-        import mlflow  # noqa: F401  (imported once, before anything is timed)
-
-        from jupyter_mlops import tracking  # noqa: F401
-
-        # 1 + 2: the SQLite store --------------------------------------------------------------
-        sqlite_uri = "sqlite:///" + str(tmp / "db.sqlite")
-        local = Store("sqlite", sqlite_uri, tmp, (tmp / "artifacts").as_uri())
-        stores.append(local)
-
-        log(f"caller cost: {p['caller_n']:,} calls (ours) / {p['async_n']:,} (mlflow async) x {p['caller_rounds']}")
-        # warm-up: a small run each, which also starts the flusher
-        ours_caller(local, 2_000)
-        anchor_async_caller(local, 500)
-        caller = interleave(p["caller_rounds"], [
-            ("mlflow_async", lambda: anchor_async_caller(local, p["async_n"])),
-            ("ours", lambda: ours_caller(local, p["caller_n"])),
-        ], warmup=False)
-        m["caller_us_per_metric"] = median(caller["ours"])
-        m["caller_mlflow_async_us_per_metric"] = median(caller["mlflow_async"])
-
-        log(f"end to end on SQLite: {p['e2e_n']:,} metrics (ours, log_batch), {p['sync_n']} (sync) x {p['e2e_rounds']}")
-        e2e = interleave(p["e2e_rounds"], [
-            ("mlflow_sync", lambda: anchor_sync(local, p["sync_n"])),
-            ("ours", lambda: ours_e2e(local, p["e2e_n"])),
-            ("log_batch", lambda: anchor_log_batch(local, p["e2e_n"])),
-        ])
-        m["end_to_end_us_per_metric"] = median(e2e["ours"])
-        m["mlflow_sync_us_per_metric"] = median(e2e["mlflow_sync"])
-        m["log_batch_us_per_metric"] = median(e2e["log_batch"])
-        local.stop_flusher()
-
-        # 2 again: a real mlflow server on loopback --------------------------------------------
-        server = MlflowServer(tmp / "server")
-        log(f"starting mlflow server on {server.uri}")
-        m["server_start_s"] = server.start()
-        remote = Store("server", server.uri, tmp, None)
-        stores.append(remote)
-        log(f"end to end via server: {p['e2e_n']:,} metrics (ours, log_batch), {p['sync_n']} (sync) x {p['server_rounds']}")
-        srv = interleave(p["server_rounds"], [
-            ("mlflow_sync", lambda: anchor_sync(remote, p["sync_n"])),
-            ("ours", lambda: ours_e2e(remote, p["e2e_n"])),
-            ("log_batch", lambda: anchor_log_batch(remote, p["e2e_n"])),
-        ])
-        m["server_end_to_end_us_per_metric"] = median(srv["ours"])
-        m["server_mlflow_sync_us_per_metric"] = median(srv["mlflow_sync"])
-        m["server_log_batch_us_per_metric"] = median(srv["log_batch"])
-        remote.stop_flusher()
-        server.stop()
-        server = None
-
-        # 3: %mlops track in a fresh kernel vs mlflow.start_run --------------------------------
-        kproj = tmp / "kernel-project"
-        kproj.mkdir()
-        kuri = "sqlite:///" + str(tmp / "kernel.db")
-        from mlflow import MlflowClient
-
-        MlflowClient(kuri).search_experiments()  # create the schema now: neither kernel pays migrations
-        env = dict(os.environ)
-        env.update({
-            "MLOPS_PROJECT_ROOT": str(kproj),
-            "MLOPS_SPOOL_DIR": str(tmp / "kernel-spool"),
-            "MLFLOW_TRACKING_URI": kuri,
-            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-        })
-        for name in ("JPY_SESSION_NAME", "MLOPS_NOTEBOOK_PATH", "MLOPS_RUN_ID", "MLOPS_PARENT_RUN_ID",
-                     "MLOPS_EXPERIMENT", "MLFLOW_EXPERIMENT_NAME", "MLOPS_TRACKING_URI"):
-            env.pop(name, None)  # nothing from the caller's shell changes what the kernels do
-        log(f"fresh kernels: {p['kernel_rounds']} x (ours, mlflow){' after a warm-up pair' if p['kernel_warmup'] else ''}")
-        kernels = interleave(p["kernel_rounds"], [
-            ("ours", lambda: kernel_once(OURS_CELL, env, kproj, ours=True)),
-            ("mlflow", lambda: kernel_once(anchor_cell(kuri), env, kproj, ours=False)),
-        ], warmup=p["kernel_warmup"])
-        m["track_startup_s"] = median([t for t, _ in kernels["ours"]])
-        m["track_rss_mib"] = median([r for _, r in kernels["ours"]])
-        m["mlflow_startup_s"] = median([t for t, _ in kernels["mlflow"]])
-        m["mlflow_rss_mib"] = median([r for _, r in kernels["mlflow"]])
-        ks = Path(env["MLOPS_SPOOL_DIR"])
-        from jupyter_mlops.tracking.flusher import running_pid
-
-        fpid = running_pid(ks)
-        if fpid and fpid > 0:
-            stop_pid(fpid, grace=0.0, sig=signal.SIGKILL)
+        m = run_all(p, tmp)
     finally:
-        if server is not None:
-            server.stop()
-        for store in stores:
-            try:
-                store.stop_flusher()
-            except Exception as e:  # cleanup goes on
-                log(f"could not stop the {store.label} flusher: {e}")
-        from jupyter_mlops.tracking import flusher as _flusher
-
-        for proc in list(_flusher._spawned):  # reap the flushers this process started
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         os.chdir(old_cwd)
         shutil.rmtree(tmp, ignore_errors=True)
-
-    def ratio(anchor: float, ours: float, floor: float = 1e-9) -> float:
-        return round(anchor / max(ours, floor), 2)
-
-    ratios = {
-        "vs_mlflow_sync": ratio(m["mlflow_sync_us_per_metric"], m["end_to_end_us_per_metric"]),
-        "vs_log_batch": ratio(m["log_batch_us_per_metric"], m["end_to_end_us_per_metric"]),
-        "server_vs_mlflow_sync": ratio(m["server_mlflow_sync_us_per_metric"], m["server_end_to_end_us_per_metric"]),
-        "server_vs_log_batch": ratio(m["server_log_batch_us_per_metric"], m["server_end_to_end_us_per_metric"]),
-        "vs_mlflow_startup": ratio(m["mlflow_startup_s"], m["track_startup_s"]),
-        # a growth under 0.1 MiB is read as 0.1 MiB, so the ratio stays finite
-        "vs_mlflow_rss": ratio(m["mlflow_rss_mib"], m["track_rss_mib"], floor=0.1),
-        "caller_vs_mlflow_async": ratio(m["caller_mlflow_async_us_per_metric"], m["caller_us_per_metric"]),
-    }
     wall = time.perf_counter() - started
 
+    def ratio(anchor_key: str, ours_key: str, floor: float = 1e-9) -> float | None:
+        if anchor_key not in m or ours_key not in m:
+            return None
+        return round(m[anchor_key] / max(m[ours_key], floor), 2)
+
+    ratios = {
+        "vs_mlflow_sync": ratio("mlflow_sync_us_per_metric", "end_to_end_us_per_metric"),
+        "vs_log_batch": ratio("log_batch_us_per_metric", "end_to_end_us_per_metric"),
+        "server_vs_mlflow_sync": ratio("server_mlflow_sync_us_per_metric", "server_end_to_end_us_per_metric"),
+        "server_vs_log_batch": ratio("server_log_batch_us_per_metric", "server_end_to_end_us_per_metric"),
+        "vs_mlflow_startup": ratio("mlflow_startup_s", "track_startup_s"),
+        # a growth under 0.1 MiB counts as 0.1 MiB, so the ratio stays finite
+        "vs_mlflow_rss": ratio("mlflow_rss_mib", "track_rss_mib", floor=0.1),
+        "caller_vs_mlflow_sync": ratio("mlflow_sync_us_per_metric", "caller_us_per_metric"),
+        "caller_vs_mlflow_async": ratio("caller_mlflow_async_us_per_metric", "caller_us_per_metric"),
+    }
+    ratios = {k: v for k, v in ratios.items() if v is not None}
+
     rows = [
-        ("caller: us per log_metric", "mlflow async log_metric", m["caller_mlflow_async_us_per_metric"],
-         m["caller_us_per_metric"], "us", ratios["caller_vs_mlflow_async"], "caller_us_per_metric"),
-        ("SQLite e2e: us per metric", "MlflowClient.log_metric", m["mlflow_sync_us_per_metric"],
-         m["end_to_end_us_per_metric"], "us", ratios["vs_mlflow_sync"], "vs_mlflow_sync"),
-        ("SQLite e2e: us per metric", "MlflowClient.log_batch", m["log_batch_us_per_metric"],
-         m["end_to_end_us_per_metric"], "us", ratios["vs_log_batch"], "vs_log_batch"),
-        ("server e2e: us per metric", "MlflowClient.log_metric", m["server_mlflow_sync_us_per_metric"],
-         m["server_end_to_end_us_per_metric"], "us", ratios["server_vs_mlflow_sync"], None),
-        ("server e2e: us per metric", "MlflowClient.log_batch", m["server_log_batch_us_per_metric"],
-         m["server_end_to_end_us_per_metric"], "us", ratios["server_vs_log_batch"], None),
-        ("kernel: track cell wall time", "import mlflow; start_run()", m["mlflow_startup_s"],
-         m["track_startup_s"], "s", ratios["vs_mlflow_startup"], "track_startup_s"),
-        ("kernel: peak RSS growth", "import mlflow; start_run()", m["mlflow_rss_mib"],
-         m["track_rss_mib"], "MiB", ratios["vs_mlflow_rss"], "track_rss_mib"),
+        # measure, anchor, anchor metric, ours metric, unit, ratio, goal key (checked on ours or on the ratio)
+        ("caller: per log_metric call", "MlflowClient.log_metric", "mlflow_sync_us_per_metric",
+         "caller_us_per_metric", "us", "caller_vs_mlflow_sync", "caller_us_per_metric"),
+        ("caller: per log_metric call", "same, synchronous=False", "caller_mlflow_async_us_per_metric",
+         "caller_us_per_metric", "us", "caller_vs_mlflow_async", None),
+        ("SQLite e2e: per metric", "MlflowClient.log_metric", "mlflow_sync_us_per_metric",
+         "end_to_end_us_per_metric", "us", "vs_mlflow_sync", "vs_mlflow_sync"),
+        ("SQLite e2e: per metric", "MlflowClient.log_batch", "log_batch_us_per_metric",
+         "end_to_end_us_per_metric", "us", "vs_log_batch", "vs_log_batch"),
+        ("server e2e: per metric", "MlflowClient.log_metric", "server_mlflow_sync_us_per_metric",
+         "server_end_to_end_us_per_metric", "us", "server_vs_mlflow_sync", None),
+        ("server e2e: per metric", "MlflowClient.log_batch", "server_log_batch_us_per_metric",
+         "server_end_to_end_us_per_metric", "us", "server_vs_log_batch", None),
+        ("kernel: track cell wall time", "mlflow import+start_run", "mlflow_startup_s",
+         "track_startup_s", "s", "vs_mlflow_startup", "track_startup_s"),
+        ("kernel: peak RSS growth", "mlflow import+start_run", "mlflow_rss_mib",
+         "track_rss_mib", "MiB", "vs_mlflow_rss", "track_rss_mib"),
     ]
     print()
-    print(f"tracking benchmark ({'--quick' if args.quick else 'default'}; medians; ratio = anchor / ours, bigger is better)")
-    print(f"  caller N={p['caller_n']:,} (mlflow async N={p['async_n']:,}) x{p['caller_rounds']}; "
-          f"e2e N={p['e2e_n']:,} (sync N={p['sync_n']}) x{p['e2e_rounds']} SQLite, x{p['server_rounds']} server; "
-          f"kernels x{p['kernel_rounds']}; mlflow server started in {m['server_start_s']:.1f} s; total {wall:.0f} s")
-    header = f"{'measure':<30} {'anchor':<28} {'anchor':>12} {'ours':>12} {'ratio':>9}  {'goal':<22} met"
+    print(f"tracking benchmark ({'--quick' if args.quick else 'default'}): medians; ratio = anchor / ours, bigger is better")
+    print(f"  caller N={p['caller_n']:,}" + (f" (async anchor N={p['async_n']:,})" if p["async_n"] else "")
+          + f" x{p['caller_rounds']}; e2e N={p['e2e_n']:,} (sync anchor N={p['sync_n']}) "
+          f"x{p['e2e_rounds']} SQLite, x{p['server_rounds']} server; kernels x{p['kernel_rounds']}; "
+          f"mlflow server up in {m.get('server_start_s', float('nan')):.1f} s; total {wall:.0f} s")
+    header = f"{'measure':<29} {'anchor':<25} {'anchor':>10} {'ours':>10} {'ratio':>9}  {'goal':<23} met"
     print(header)
     print("-" * len(header))
-    for label, anchor_name, a, o, unit, r, goal_key in rows:
-        goal_txt, met = "", ""
+    for label, anchor_name, a_key, o_key, unit, r_key, goal_key in rows:
+        if a_key not in m:
+            continue
+        r = ratios.get(r_key)
+        goal_txt = met = ""
         if goal_key:
             goal = GOALS[goal_key]
-            value = o if goal_key in ("caller_us_per_metric", "track_startup_s", "track_rss_mib") else r
             goal_txt = f"{goal_key.replace('_per_metric', '')} {goal}"
-            met = goal_met(value, goal)
-        print(f"{label:<30} {anchor_name:<28} {fmt(a, unit):>12} {fmt(o, unit):>12} {r:>8.2f}x  {goal_txt:<22} {met}")
+            met = goal_met(m.get(goal_key) if goal_key in m else r, goal)
+        r_txt = f"{r:>8.2f}x" if r is not None else f"{'-':>9}"
+        print(f"{label:<29} {anchor_name:<25} {fmt(m[a_key], unit):>10} {fmt(m.get(o_key), unit):>10} {r_txt}  {goal_txt:<23} {met}")
     print()
     metrics = {k: round(v, 4) for k, v in m.items()}
     print(json.dumps({"bench": "tracking", "metrics": metrics, "ratios": ratios, "goals": GOALS}))

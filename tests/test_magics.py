@@ -115,3 +115,25 @@ def test_an_unwritable_spool_is_one_clear_line(mlops_project: Project, mlops_rea
     text = cell_text(execute_notebook(nb, allow_errors=True), 0)
     assert "cannot write the tracking spool" in text and "MLOPS_SPOOL_DIR" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_autolog_records_into_the_same_run(mlops_project: Project) -> None:
+    nb = make_notebook(
+        mlops_project.root / "auto.ipynb",
+        [
+            "%load_ext jupyter_mlops\n%mlops track --experiment auto --autolog",
+            "from sklearn.datasets import load_iris\nfrom sklearn.linear_model import LogisticRegression\n"
+            "X, y = load_iris(return_X_y=True)\nLogisticRegression(C=0.5, max_iter=300).fit(X, y)",
+            "%mlops end\n%mlops flush",
+        ],
+    )
+    executed = execute_notebook(nb, timeout=300)
+    assert "autolog() is on" in cell_text(executed, 0)
+    client = mlops_project.client()
+    runs = client.search_runs([client.get_experiment_by_name("auto").experiment_id])
+    assert len(runs) == 1  # autolog wrote into our run, not a run of its own
+    run = runs[0]
+    assert run.data.params["C"] == "0.5"
+    assert "training_score" in run.data.metrics
+    assert run.data.tags["mlops.autolog"] == "true" and run.info.status == "FINISHED"
