@@ -32,6 +32,9 @@ ENV_OVERRIDES = {
 
 CONFIG_FILE_NAMES = ("jupyter_mlops_config", "jupyter_server_config")
 
+#: URI schemes MLflow's tracking client accepts (database dialects may add a driver: postgresql+psycopg2).
+TRACKING_SCHEMES = frozenset({"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc", "uc"})
+
 
 def find_project_root(start: Path | None = None) -> Path:
     """The nearest folder at or above ``start`` holding ``.mlops/`` or ``.git``, else ``start``."""
@@ -114,9 +117,16 @@ class MlopsConfig(Configurable):
 
     @property
     def resolved_tracking_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
-        return "sqlite:///" + str(self.embedded_dir / "mlflow.db")
+        """The tracking URI to record into. Raises :class:`ConfigError` for an unknown scheme."""
+        if not self.tracking_uri:
+            return "sqlite:///" + str(self.embedded_dir / "mlflow.db")
+        scheme = self.tracking_uri.partition(":")[0].split("+")[0].lower()
+        if scheme not in TRACKING_SCHEMES:
+            raise ConfigError(
+                f"tracking URI {self.tracking_uri!r} has an unknown scheme {scheme!r}; use http(s)://HOST:PORT, "
+                "sqlite:///PATH, postgresql://..., mysql://... (MLFLOW_TRACKING_URI or c.MlopsConfig.tracking_uri)"
+            )
+        return self.tracking_uri
 
     @property
     def uses_embedded_store(self) -> bool:

@@ -57,3 +57,11 @@ def test_unknown_experiment_field_says_which_fields_exist(tmp_path: Path) -> Non
     config = load_config(read_files=False, project_root=str(tmp_path), experiment_name="{team}")
     with pytest.raises(ConfigError, match=r"\{project\}, \{notebook\} or \{user\}"):
         config.experiment_for(None)
+
+
+def test_a_tracking_uri_with_an_unknown_scheme_is_refused_at_once(tmp_path: Path) -> None:
+    config = load_config(read_files=False, project_root=str(tmp_path), tracking_uri="htp://127.0.0.1:5000")
+    with pytest.raises(ConfigError, match="unknown scheme 'htp'"):
+        config.resolved_tracking_uri
+    ok = load_config(read_files=False, project_root=str(tmp_path), tracking_uri="postgresql+psycopg2://u@h/db")
+    assert ok.resolved_tracking_uri.startswith("postgresql+psycopg2")

@@ -169,3 +169,19 @@ def test_the_background_flusher_uploads_and_then_leaves(mlops_project: Project) 
         time.sleep(0.1)  # the flusher exits on its own after its idle time (1 s in tests)
     assert running_pid(mlops_project.spool) is None
     assert mlops_project.client().get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_refused_run_waits_for_the_fix_and_sync_retries_it(mlops_project: Project) -> None:
+    client = mlops_project.client()
+    exp_id = client.create_experiment("gone", artifact_location=(mlops_project.root / ".mlops" / "artifacts").as_uri())
+    client.delete_experiment(exp_id)
+    run = start(mlops_project, experiment="gone")
+    run.log_metric("x", 1)
+    run.end(log_notebook=False)
+    result = sync(mlops_project.spool)
+    assert not result.finished
+    assert "is deleted; restore it" in result.failed[0]
+    client.restore_experiment(exp_id)
+    result = sync(mlops_project.spool)
+    assert result.finished == [run.spool_id]
+    assert client.get_run(run.run_id).data.metrics == {"x": 1.0}

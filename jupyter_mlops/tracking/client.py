@@ -47,6 +47,9 @@ _UNREACHABLE = (
 def _classify(uri: str, e: BaseException) -> TrackingServerError:
     from mlflow.exceptions import MlflowException
 
+    if isinstance(e, ModuleNotFoundError):
+        return Retryable(uri, f"the driver for this store is not installed ({e}): pip install it, "
+                              "e.g. pip install 'jupyter_mlops[postgres]'; the run stays spooled until then")
     text = str(e)
     for needle, plain in _UNREACHABLE:
         if needle in text:

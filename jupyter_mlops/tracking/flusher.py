@@ -33,6 +33,7 @@ __all__ = ["ensure_running", "prepare_spool_dir", "running_pid", "sync", "main"]
 
 FLUSHER_LOCK = "flusher.lock"
 FLUSHER_LOG = "flusher.log"
+MAX_LOG_BYTES = 1 << 20  # then flusher.log becomes flusher.log.1 (one generation kept)
 
 def prepare_spool_dir(spool_dir: Path, config: MlopsConfig) -> None:
     """Create the spool folder (and the embedded ``.mlops/`` with a ``.gitignore``), or say why not."""
@@ -88,7 +89,13 @@ def _spawn(spool_dir: Path, config: MlopsConfig) -> None:
     env = dict(os.environ)
     env["MLOPS_FLUSHER_IDLE"] = str(config.flusher_idle_timeout)
     env["MLOPS_FLUSHER_LINGER"] = str(config.flusher_max_linger)
-    with open(spool_dir / FLUSHER_LOG, "ab") as log_file:
+    log_path = spool_dir / FLUSHER_LOG
+    try:
+        if log_path.stat().st_size > MAX_LOG_BYTES:
+            os.replace(log_path, log_path.with_suffix(".log.1"))
+    except OSError:
+        pass
+    with open(log_path, "ab") as log_file:
         subprocess.run(
             ["/bin/sh", "-c", '"$@" &', "sh", config.flusher_python, "-m", "jupyter_mlops.tracking", str(spool_dir)],
             stdin=subprocess.DEVNULL,
@@ -109,7 +116,7 @@ def sync(spool_dir: Path, *, progress: Callable[[PassResult], None] | None = Non
     """
     from .uploader import Uploader
 
-    uploader = Uploader(spool_dir)
+    uploader = Uploader(spool_dir, retry_refused=True)
     result = uploader.pass_once(wait_for_lock=True)
     if progress:
         progress(result)

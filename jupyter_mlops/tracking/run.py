@@ -269,6 +269,7 @@ def start_run(
                 "(%mlops end or jupyter_mlops.tracking.end_run())"
             )
         config = config or load_config()
+        tracking_uri = config.resolved_tracking_uri  # a typo in the URI fails here, not in the uploader
         nb = Path(notebook).resolve() if notebook else notebook_path(user_ns)
         ctx = capture(nb, history) if capture_context else None
         all_tags = dict(ctx.tags) if ctx else {}
@@ -282,7 +283,7 @@ def start_run(
         header = {
             "version": 1,
             "spool_id": spool_id,
-            "tracking_uri": config.resolved_tracking_uri,
+            "tracking_uri": tracking_uri,
             "artifact_root": config.resolved_artifact_root,
             "experiment": experiment,
             "run_name": name or (nb.stem if nb else None),

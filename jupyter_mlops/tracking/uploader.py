@@ -41,6 +41,7 @@ log = logging.getLogger("jupyter_mlops.flusher")
 MAX_METRICS = 1000
 MAX_PARAMS_TAGS = 100
 MAX_REQUEST_BYTES = 900_000  # MLflow refuses log_batch requests over 1e6 bytes
+DONE_KEEP_SECONDS = 30 * 24 * 3600  # summaries of uploaded runs (run ids for `runs --all`)
 
 
 @dataclass
@@ -63,14 +64,16 @@ class _Batch:
     params: list[tuple[str, str]] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
-    size: int = 0
+    size: int = 0  # estimated request bytes
 
     def full(self, record: Record) -> bool:
+        if len(self.records) >= MAX_METRICS:  # also bounds metrics + params + tags together
+            return True
+        if record.kind == "m":
+            return False  # a metric adds < 300 bytes: 1000 of them stay far below the size limit
         return (
-            len(self.metrics) >= MAX_METRICS
-            or len(self.params) >= MAX_PARAMS_TAGS
+            len(self.params) >= MAX_PARAMS_TAGS
             or len(self.tags) >= MAX_PARAMS_TAGS
-            or len(self.metrics) + len(self.params) + len(self.tags) >= MAX_METRICS
             or self.size + sum(map(len, record.fields)) > MAX_REQUEST_BYTES
         )
 
@@ -78,24 +81,35 @@ class _Batch:
         f = record.fields
         if record.kind == "m":
             self.metrics.append((f[0], float(f[1]), int(f[2]), int(f[3])))
-        elif record.kind == "p":
-            self.params.append((f[0], json.loads(f[1])))
+            self.size += 300
         else:
-            self.tags[f[0]] = json.loads(f[1])
+            value = json.loads(f[1])
+            if record.kind == "p":
+                self.params.append((f[0], value))
+            else:
+                self.tags[f[0]] = value
+            self.size += len(f[0]) + len(value) + 32
         self.records.append(record)
-        self.size += sum(map(len, f)) + 16
 
 
 class Uploader:
-    def __init__(self, spool_dir: Path) -> None:
+    def __init__(self, spool_dir: Path, *, retry_refused: bool = False) -> None:
+        """``retry_refused``: try again runs the server refused to create (``jupyter mlops sync``
+        does, after the user fixed the cause); the background flusher leaves them alone."""
         self.spool_dir = spool_dir
+        self.retry_refused = retry_refused
         self._gateways: dict[tuple[str, str | None], MlflowGateway] = {}
         self._reported: dict[str, str] = {}
 
     def gateway(self, header: dict[str, Any]) -> MlflowGateway:
         key = (header["tracking_uri"], header.get("artifact_root"))
         if key not in self._gateways:
-            self._gateways[key] = MlflowGateway(*key)
+            try:
+                self._gateways[key] = MlflowGateway(*key)
+            except Exception as e:  # an unusable URI: MLflow refuses it when the client is made
+                from .client import _classify
+
+                raise _classify(key[0], e) from e
         return self._gateways[key]
 
     def pass_once(self, *, wait_for_lock: bool = False) -> PassResult:
@@ -116,6 +130,9 @@ class Uploader:
             except Rejected as e:
                 result.failed.append(f"{run_dir.name}: {e.reason}")
                 self._report(run_dir.name, f"refused: {e}")
+            except Exception as e:  # a bug of ours must not stop the other runs' uploads
+                log.exception("%s: unexpected error; the run stays spooled", run_dir.name)
+                result.waiting.append(f"{run_dir.name}: unexpected error {type(e).__name__}: {e}")
             finally:
                 lock.release()
         return result
@@ -135,8 +152,10 @@ class Uploader:
         state.pop("waiting", None)  # written back with the first progress of this pass
         state.pop("waiting_since", None)
         if state.get("failed"):
-            result.failed.append(f"{run_dir.name}: {state['failed']}")
-            return
+            if not self.retry_refused:
+                result.failed.append(f"{run_dir.name}: {state['failed']}")
+                return
+            del state["failed"]
         alive = writer_alive(run_dir)  # before reading: a dead writer adds no more records
         if alive:
             result.live += 1
@@ -247,7 +266,18 @@ class Uploader:
             summary["rejected_log"] = str(done_dir / f"{run_dir.name}.rejected.log")
         atomic_write_json(done_dir / f"{run_dir.name}.json", summary)
         shutil.rmtree(run_dir, ignore_errors=True)
+        _prune(done_dir, DONE_KEEP_SECONDS)
         log.info("%s: run %s complete (%s)", run_dir.name, state["run_id"], state.get("ended"))
+
+
+def _prune(folder: Path, older_than: float) -> None:
+    cutoff = time.time() - older_than
+    for path in folder.iterdir():
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _set_waiting(run_dir: Path, reason: str) -> None:
