@@ -84,3 +84,31 @@ def test_installed_packages_are_named_with_versions() -> None:
     packages = installed_packages()
     assert packages == sorted(packages) and all("==" in p for p in packages)
     assert any(p.startswith("traitlets==") for p in packages)
+
+
+def test_a_known_environment_lock_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = tmp_path / "conda-lock.yml"
+    lock.write_text("version: 1\npackage: []\n")
+    monkeypatch.setenv("MLOPS_ENV_LOCK", str(lock))
+    ctx = capture(None, cwd=tmp_path)
+    import hashlib
+
+    assert ctx.tags["mlops.conda_lock.sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert ("environment", "conda-lock.yml", lock.read_text()) in ctx.files
+
+
+def test_a_plain_papermill_command_is_recognised_from_the_parent(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A stand-in parent whose command line reads like papermill's; the probe is its child.
+    fake = tmp_path / "papermill"
+    fake.write_text(
+        "import subprocess, sys\n"
+        "code = 'from jupyter_mlops.tracking.context import papermill_cli_paths; print(papermill_cli_paths())'\n"
+        "print(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True).stdout)\n"
+    )
+    done = subprocess.run([sys.executable, str(fake), "in.ipynb", "out/o.ipynb", "-p", "a", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert f"PosixPath('{tmp_path.resolve()}/in.ipynb')" in done.stdout
+    assert f"PosixPath('{tmp_path.resolve()}/out/o.ipynb')" in done.stdout

@@ -137,3 +137,28 @@ def test_autolog_records_into_the_same_run(mlops_project: Project) -> None:
     assert run.data.params["C"] == "0.5"
     assert "training_score" in run.data.metrics
     assert run.data.tags["mlops.autolog"] == "true" and run.info.status == "FINISHED"
+
+
+def test_the_papermill_command_gives_the_run_its_paths_and_parameters(mlops_project: Project) -> None:
+    import subprocess
+    import sys
+
+    make_notebook(
+        mlops_project.root / "pm.ipynb",
+        ["%load_ext jupyter_mlops\n%mlops track --experiment pm", "%mlops log y={x * 2}"],
+        parameters="x = 1\nname = 'a'",
+    )
+    papermill = Path(sys.executable).parent / "papermill"
+    done = subprocess.run([str(papermill), "pm.ipynb", "pm-out.ipynb", "-p", "x", "3", "--no-progress-bar"],
+                          cwd=mlops_project.root, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    from jupyter_mlops.tracking.flusher import sync
+
+    sync(mlops_project.spool)
+    run = find_run(mlops_project, "pm")
+    assert run.data.tags["mlflow.source.name"] == str(mlops_project.root / "pm.ipynb")
+    assert run.data.params == {"x": "3", "name": "a"}
+    assert run.data.tags["mlops.papermill.injected"] == '{"x": "3"}'
+    assert run.data.metrics == {"y": 6.0}
+    logged = [a.path for a in mlops_project.client().list_artifacts(run.info.run_id, "notebook")]
+    assert logged == ["notebook/pm-out.ipynb"]

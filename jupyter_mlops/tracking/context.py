@@ -25,6 +25,7 @@ __all__ = [
     "papermill_parameters",
     "installed_packages",
     "parameter_defaults",
+    "papermill_cli_paths",
 ]
 
 #: The comment papermill puts first in the cell it injects (papermill.translators codify()).
@@ -63,7 +64,31 @@ def notebook_path(user_ns: Mapping[str, Any] | None = None, cwd: Path | None = N
     vscode = (user_ns or {}).get("__vsc_ipynb_file__")
     if isinstance(vscode, str) and vscode:
         return Path(vscode)
+    cli = papermill_cli_paths()
+    if cli is not None:
+        return cli[0]
     return None
+
+
+def papermill_cli_paths(ppid: int | None = None) -> tuple[Path, Path] | None:
+    """(input, output) when this kernel was started by the ``papermill`` command (Linux).
+
+    papermill tells its kernel neither path, but the kernel is its child: the parent's command
+    line ``papermill IN.ipynb OUT.ipynb ...`` names both, relative to the parent's folder.
+    """
+    ppid = os.getppid() if ppid is None else ppid
+    try:
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        cwd = Path(os.readlink(f"/proc/{ppid}/cwd"))
+    except OSError:
+        return None
+    if "papermill" not in [Path(a).name for a in argv[:3]]:  # papermill ... or python [-m] papermill ...
+        return None
+    notebooks = [a for a in argv[1:] if a.endswith(".ipynb") and "://" not in a]
+    if len(notebooks) < 2:
+        return None
+    return (cwd / notebooks[0]).resolve(), (cwd / notebooks[1]).resolve()
 
 
 def _assignments(source: str) -> dict[str, str] | None:

@@ -231,8 +231,13 @@ class Run:
 
 
 def _notebook_with_outputs(notebook: str | None) -> Path | None:
+    """The copy of the notebook that holds this run's outputs: a runner's output path, then
+    the output of a ``papermill`` command that started this kernel, then the notebook itself."""
+    from .context import papermill_cli_paths
+
     output = os.environ.get("MLOPS_OUTPUT_NOTEBOOK_PATH")
-    for candidate in (output, notebook):
+    cli = papermill_cli_paths() if not output else None
+    for candidate in (output, cli[1] if cli else None, notebook):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
