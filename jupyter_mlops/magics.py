@@ -126,7 +126,7 @@ def _artifact(args: argparse.Namespace) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    run = tracking.active_run() or tracking.run._active
+    run = tracking.last_run()
     if run is None:
         print("No run. Start one with %mlops track.")
         return
@@ -156,7 +156,7 @@ def _end(args: argparse.Namespace) -> None:
 
 
 def _flush(args: argparse.Namespace) -> None:
-    run = tracking.run._active
+    run = tracking.last_run()
     if run is None:
         print("No run.")
         return

@@ -22,12 +22,9 @@ def enable(run: Run, timeout: float = 60.0) -> None:
     mlflow.start_run(run_id=run.run_id)
     mlflow.autolog(silent=True)
     run.set_tag("mlops.autolog", "true")
-    original_end = run.end
 
-    def end(status: str | None = None, *, log_notebook: bool = True) -> str:
-        final = original_end(status, log_notebook=log_notebook)
+    def close_mlflow_run(status: str) -> None:
         if mlflow.active_run() is not None:
-            mlflow.end_run(final)
-        return final
+            mlflow.end_run(status)
 
-    run.end = end  # type: ignore[method-assign]
+    run.on_end(close_mlflow_run)

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..config import MlopsConfig, load_config
 from ..errors import InvalidValueError, NoActiveRunError, ParamChangedError, TrackingError
@@ -27,6 +27,7 @@ __all__ = [
     "Run",
     "start_run",
     "active_run",
+    "last_run",
     "end_run",
     "log_metric",
     "log_metrics",
@@ -83,6 +84,7 @@ class Run:
         self._params: dict[str, str] = {}
         self.ended: str | None = None
         self.last_error: str | None = None
+        self._end_hooks: list[Callable[[str], None]] = []
 
     # -- hot path ---------------------------------------------------------------------------------
 
@@ -157,6 +159,10 @@ class Run:
         rel = self._writer.snapshot_text(text, name)
         self._writer.write(f"a\t{json.dumps({'src': rel, 'path': artifact_dir})}\n")
 
+    def on_end(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(status)`` once the run has ended (e.g. to close mlflow's own active run)."""
+        self._end_hooks.append(hook)
+
     def note_cell(self, error: str | None) -> None:
         """Called after each cell: remembers whether the last one raised (for the end status)."""
         self.last_error = error
@@ -184,6 +190,8 @@ class Run:
         self._writer.close()
         self.ended = status
         _flusher.ensure_running(self.spool_dir, self.config, nudge=True)
+        for hook in self._end_hooks:
+            hook(status)
         return status
 
     # -- where the run is -------------------------------------------------------------------------
@@ -328,7 +336,13 @@ def _end_at_exit() -> None:
 
 
 def active_run() -> Run | None:
+    """The run being recorded, or None."""
     return _active if _active is not None and not _active.ended else None
+
+
+def last_run() -> Run | None:
+    """The active run, or the one that ended last in this process (for status and flush)."""
+    return _active
 
 
 def _require_active(action: str) -> Run:
@@ -375,7 +389,7 @@ def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None)
 
 def flush(timeout: float = 30.0) -> bool:
     """Wait until the active (or last) run's records are on the tracking server."""
-    run = _active
+    run = last_run()
     if run is None:
         return True
     return run.wait(timeout)
