@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include runs already uploaded")
     p.set_defaults(func=_cmd_runs)
 
+    p = sub.add_parser("init", help="make this folder a git + DVC project with the embedded defaults")
+    p.add_argument("folder", nargs="?", type=Path, default=Path("."))
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("lineage", help="what a run read and wrote, or which runs made or used a data version")
+    p.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    p.add_argument("--data", metavar="PATH[@REV]", help="list the runs that produced or used this version")
+    p.set_defaults(func=_cmd_lineage)
+
     p = sub.add_parser("ui", help="serve the MLflow UI on the embedded store")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
@@ -152,6 +161,57 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     print(f"{'LOCAL ID':<30} {'MLFLOW RUN':<34} {'STATUS':<11} {'WAITING':>9}  EXPERIMENT")
     for r in runs:
         print(f"{r.spool_id:<30} {r.run_id or '-':<34} {r.status:<11} {r.pending_bytes:>8}B  {r.header.get('experiment')}")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .data.project import init_project
+
+    done = init_project(args.folder)
+    where = args.folder.resolve()
+    if not done:
+        print(f"{where} is already a jupyter_mlops project; nothing to do.")
+        return 0
+    for line in done:
+        print(f"  {line}")
+    print(f"{where} is ready. Commit the DVC setup: git add .dvc .dvcignore && git commit -m 'Set up DVC'")
+    return 0
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    if bool(args.run_id) == bool(args.data):
+        print("error: give a RUN_ID or --data PATH[@REV] (one of them)", file=sys.stderr)
+        return 2
+    from mlflow import MlflowClient
+
+    from .config import load_config
+    from .data.lineage import run_lineage, runs_for_digest
+
+    client = MlflowClient(load_config().resolved_tracking_uri)
+    if args.run_id:
+        try:
+            entries = run_lineage(client, args.run_id)
+        except Exception as e:  # MlflowException for an unknown id; keep it to one line
+            print(f"error: no run {args.run_id} at {client.tracking_uri} ({type(e).__name__})", file=sys.stderr)
+            return 1
+        if not entries:
+            print(f"Run {args.run_id} recorded no data versions.")
+        for e in entries:
+            extra = f"{e.nfiles} files, " if e.nfiles and e.nfiles > 1 else ""
+            rev = f"git {e.rev[:10]}" if e.rev else "uncommitted .dvc"
+            print(f"{'read ' if e.role == 'input' else 'wrote'}  {e.path}  md5 {e.digest}  ({extra}{e.size} bytes, {rev})"
+                  + ("  MODIFIED" if e.modified else ""))
+        return 0
+    from . import data
+
+    path, _, rev = args.data.partition("@")
+    version = data.version(path, rev or None)
+    entries = runs_for_digest(client, version.digest)
+    print(f"{version.path} md5 {version.digest}" + (f" (at {rev})" if rev else ""))
+    if not entries:
+        print("  no run recorded this version")
+    for e in entries:
+        print(f"  {'produced by' if e.role == 'output' else 'used by    '} run {e.run_id} ({e.run_name or '-'}, experiment {e.experiment_id})")
     return 0
 
 

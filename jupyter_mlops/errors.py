@@ -16,6 +16,12 @@ __all__ = [
     "InvalidValueError",
     "ParamChangedError",
     "TrackingServerError",
+    "DataError",
+    "NotInRepoError",
+    "OutsideRepoError",
+    "NotTrackedError",
+    "UnknownRevisionError",
+    "RemoteError",
 ]
 
 
@@ -88,3 +94,47 @@ class TrackingServerError(TrackingError):
         self.uri = uri
         self.reason = reason
         super().__init__(f"tracking server {uri}: {reason}")
+
+
+class DataError(MlopsError):
+    """Base of errors about versioned data."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class NotInRepoError(DataError):
+    def __init__(self, folder: str) -> None:
+        super().__init__(
+            f"{folder} is not in a DVC project: run `jupyter mlops init` there first "
+            "(it sets up git, DVC and a local remote)",
+            path=folder,
+        )
+
+
+class OutsideRepoError(DataError):
+    def __init__(self, path: str, root: str) -> None:
+        self.root = root
+        super().__init__(f"{path} is outside the project {root}: version data inside it", path=path)
+
+
+class NotTrackedError(DataError):
+    def __init__(self, path: str, rev: str | None = None) -> None:
+        self.rev = rev
+        where = f" at revision {rev}" if rev else ""
+        super().__init__(
+            f"{path} is not versioned with DVC{where}: add it with `%mlops data add {path}`"
+            + (" and commit the .dvc file" if rev else ""),
+            path=path,
+        )
+
+
+class UnknownRevisionError(DataError):
+    def __init__(self, rev: str) -> None:
+        self.rev = rev
+        super().__init__(f"unknown git revision {rev!r}: use a commit, a tag or a branch of this repository")
+
+
+class RemoteError(DataError):
+    """The DVC remote cannot be reached or written."""

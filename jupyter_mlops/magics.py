@@ -55,6 +55,17 @@ def _build_parser() -> _Parser:
     p.add_argument("--status", choices=["FINISHED", "FAILED", "KILLED"], type=str.upper)
     p = sub.add_parser("flush", help="wait until everything logged is on the tracking server")
     p.add_argument("--timeout", type=float, default=30.0)
+    data = sub.add_parser("data", help="versioned data (DVC): add, use, status, push, pull")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    p = dsub.add_parser("add", help="version files or folders; recorded as the run's outputs")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p = dsub.add_parser("use", help="record PATH[@REV] as the run's input; returns a path to read")
+    p.add_argument("path", metavar="PATH[@REV]")
+    dsub.add_parser("status", help="what changed since the versions this run recorded")
+    p = dsub.add_parser("push", help="upload versioned data to the DVC remote")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p = dsub.add_parser("pull", help="fetch versioned data from the DVC remote")
+    p.add_argument("paths", nargs="*", metavar="PATH")
     return parser
 
 
@@ -68,7 +79,7 @@ def _pairs(pairs: list[str], what: str) -> dict[str, str]:
     return values
 
 
-def mlops_magic(line: str) -> None:
+def mlops_magic(line: str) -> Any:
     """Track this notebook in MLflow. Run ``%mlops --help`` for the commands."""
     parser = _build_parser()
     try:
@@ -81,7 +92,7 @@ def mlops_magic(line: str) -> None:
         parser.print_help()
         return
     try:
-        _COMMANDS[args.command](args)
+        return _COMMANDS[args.command](args)
     except MlopsError as e:
         raise UsageError(str(e)) from None
 
@@ -167,6 +178,48 @@ def _flush(args: argparse.Namespace) -> None:
               "and upload when the server answers (or run `jupyter mlops sync`).")
 
 
+def _data(args: argparse.Namespace) -> Any:
+    from . import data
+
+    action = args.data_command
+    if action is None:
+        raise UsageError("%mlops data: name an action: add, use, status, push or pull")
+    if action == "add":
+        for v in data.add(*args.paths):
+            print(f"Versioned {v.path}: md5 {v.digest[:12]}, {_size(v.size)}"
+                  + (f", {v.nfiles} files" if v.kind == "dir" else "")
+                  + ("" if v.rev else f" (commit {v.path}.dvc with git to share this version)"))
+        return None
+    if action == "use":
+        path, _, rev = args.path.partition("@")
+        local = data.use(path, rev or None)
+        print(f"Using {path}" + (f" at {rev}" if rev else "") + f" -> {local}")
+        return str(local)
+    if action == "status":
+        changes = data.status()
+        if not changes:
+            print("This run has recorded no data.")
+        for c in changes:
+            print(f"{c.state:<10}{c.role:<8}{c.recorded.path}  (recorded {c.recorded.digest[:12]}"
+                  + (f", now {c.current_md5.removesuffix('.dir')[:12]}" if c.state == "changed" and c.current_md5 else "")
+                  + ")")
+        return None
+    if action == "push":
+        print(f"Pushed {data.push(*args.paths)} file(s) to the DVC remote.")
+        return None
+    stats = data.pull(*args.paths)
+    print(f"Pulled: {len(stats.get('fetched', []) or [])} fetched, {len(stats.get('added', []) or [])} added.")
+    return None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
 def _run(action: str) -> tracking.Run:
     run = tracking.active_run()
     if run is None:
@@ -183,6 +236,7 @@ _COMMANDS = {
     "status": _status,
     "end": _end,
     "flush": _flush,
+    "data": _data,
 }
 
 

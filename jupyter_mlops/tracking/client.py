@@ -150,6 +150,26 @@ class MlflowGateway:
         else:
             self.call(self._client.log_artifact, run_id, str(local_path), artifact_path)
 
+    def log_dataset(self, run_id: str, role: str, version: dict[str, Any]) -> None:
+        """A data version as an MLflow dataset of the run, its role in ``mlflow.data.context``.
+
+        MLflow has dataset inputs only, so outputs are dataset inputs with context ``output``.
+        Logging the same dataset twice is a no-op in MLflow's store (replays are safe).
+        """
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        digest = str(version["md5"]).removesuffix(".dir")
+        source = {k: version.get(k) for k in ("path", "md5", "rev", "kind")}
+        profile = {k: version.get(k) for k in ("size", "nfiles", "modified")}
+        dataset = Dataset(
+            name=str(version["path"]), digest=digest, source_type="dvc",
+            source=json.dumps(source, sort_keys=True), profile=json.dumps(profile, sort_keys=True),
+        )
+        tags = [InputTag("mlflow.data.context", role)]
+        self.call(self._client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
+
     def terminate(self, run_id: str, status: str, end_time: int) -> None:
         self.call(self._client.set_terminated, run_id, status, end_time)
 

@@ -85,6 +85,9 @@ class Run:
         self.ended: str | None = None
         self.last_error: str | None = None
         self._end_hooks: list[Callable[[str], None]] = []
+        self._before_end: list[Callable[[Run], None]] = []
+        #: (role, version) of data this run read ("input") and wrote ("output"); see data/
+        self.datasets: list[tuple[str, Any]] = []
 
     # -- hot path ---------------------------------------------------------------------------------
 
@@ -154,10 +157,19 @@ class Run:
         rel = self._writer.snapshot(src)
         self._writer.write(f"a\t{json.dumps({'src': rel, 'path': artifact_path})}\n")
 
-    def log_text(self, text: str, artifact_dir: str, name: str) -> None:
+    def log_text(self, text: str, artifact_dir: str | None, name: str) -> None:
         self._require_open("log an artifact")
         rel = self._writer.snapshot_text(text, name)
         self._writer.write(f"a\t{json.dumps({'src': rel, 'path': artifact_dir})}\n")
+
+    def before_end(self, hook: Callable[["Run"], None]) -> None:
+        """Call ``hook(run)`` just before the end record, while the run can still log."""
+        self._before_end.append(hook)
+
+    def log_dataset(self, version: Mapping[str, Any], role: str) -> None:
+        """Record a data version as the run's ``input`` or ``output`` (MLflow dataset API)."""
+        self._require_open("record data")
+        self._writer.write(f"d\t{role}\t{json.dumps(dict(version), sort_keys=True)}\n")
 
     def on_end(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(status)`` once the run has ended (e.g. to close mlflow's own active run)."""
@@ -184,6 +196,11 @@ class Run:
                     self.log_artifact(notebook, "notebook")
                 except TrackingError:
                     pass  # the notebook vanished since start: the run still ends
+        for before in self._before_end:
+            try:
+                before(self)
+            except Exception as e:  # a check must not keep the run from ending
+                self.set_tag("mlops.end_hook_error", f"{type(e).__name__}: {e}"[:MAX_TAG_VAL_LENGTH])
         if status == "FAILED" and self.last_error:
             self.set_tag("mlops.error", self.last_error[:MAX_TAG_VAL_LENGTH])
         self._writer.write(f"e\t{status}\t{_now_ms()}\n")

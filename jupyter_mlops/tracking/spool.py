@@ -12,6 +12,7 @@ Layout of ``<spool_dir>/<spool_id>/``:
                      p <TAB> key <TAB> json(value)
                      t <TAB> key <TAB> json(value)
                      a <TAB> json({"src": relative path under files/, "path": artifact dir or null})
+                     d <TAB> role <TAB> json(data version)   (role: input or output)
                      e <TAB> status <TAB> timestamp_ms
 
 ``files/``       artifact snapshots, copied at call time.

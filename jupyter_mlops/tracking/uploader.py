@@ -194,6 +194,11 @@ class Uploader:
                         src = run_dir / FILES / spec["src"]
                         if src.exists():
                             gateway.log_artifact(run_id, src, spec.get("path"))
+                    elif record.kind == "d":
+                        try:
+                            gateway.log_dataset(run_id, record.fields[0], json.loads(record.fields[1]))
+                        except Rejected as e:
+                            self._reject(gateway, run_id, run_dir, record, e.reason)
                     elif record.kind == "e":
                         gateway.terminate(run_id, record.fields[0], int(record.fields[1]))
                         ended = state["ended"] = record.fields[0]

@@ -1,0 +1,280 @@
+"""The one module that talks to DVC (and to git about data): errors mapped in one place.
+
+Reading what a ``.dvc`` file says, and which commit holds it, needs no dvc import (YAML and one
+``git`` call); hashing, adding, materialising a past version and remote transfers go through
+DVC's in-process API, imported on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import (
+    DataError,
+    NotInRepoError,
+    NotTrackedError,
+    OutsideRepoError,
+    RemoteError,
+    UnknownRevisionError,
+)
+from .versions import DataVersion
+
+__all__ = ["DvcProject", "find_dvc_root"]
+
+
+def find_dvc_root(start: Path) -> Path | None:
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def _load_yaml(text: str) -> Any:
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+
+
+def _version_from_dvcfile(text: str, rel: str, dvcfile: str) -> tuple[str, int, int, str]:
+    """(md5, size, nfiles, kind) of the out in a .dvc file's text."""
+    try:
+        data = _load_yaml(text)
+        out = data["outs"][0]
+        md5 = str(out["md5"])
+    except Exception as e:  # malformed YAML or an unexpected layout
+        raise DataError(f"{dvcfile}: not a valid .dvc file ({type(e).__name__}: {e}); fix or re-add {rel}", path=rel) from e
+    kind = "dir" if md5.endswith(".dir") else "file"
+    return md5, int(out.get("size") or 0), int(out.get("nfiles") or 1), kind
+
+
+class DvcProject:
+    """A git + DVC repository, as the data API needs it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._repo: Any = None
+
+    @classmethod
+    def find(cls, start: Path) -> "DvcProject":
+        root = find_dvc_root(start)
+        if root is None:
+            raise NotInRepoError(str(start))
+        return cls(root)
+
+    # -- paths ------------------------------------------------------------------------------------
+
+    def rel(self, path: str | os.PathLike[str]) -> str:
+        """Repository-relative POSIX path of ``path`` (relative paths are taken from the cwd)."""
+        absolute = Path(os.path.abspath(path))
+        try:
+            return absolute.relative_to(self.root).as_posix()
+        except ValueError:
+            raise OutsideRepoError(str(path), str(self.root)) from None
+
+    def tracked_target(self, rel: str) -> tuple[str, str]:
+        """(tracked path, its .dvc file) for ``rel`` or the folder it lies in."""
+        parts = rel.split("/")
+        for i in range(len(parts), 0, -1):
+            target = "/".join(parts[:i])
+            if (self.root / (target + ".dvc")).is_file():
+                return target, target + ".dvc"
+        raise NotTrackedError(rel)
+
+    # -- what the .dvc file and git say -----------------------------------------------------------
+
+    def recorded(self, target: str, dvcfile: str) -> tuple[str, int, int, str]:
+        return _version_from_dvcfile((self.root / dvcfile).read_text(), target, dvcfile)
+
+    def _git(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True, check=False)
+
+    def commit_of(self, dvcfile: str) -> str | None:
+        """The commit holding this .dvc file as it is now, or None if that content is uncommitted."""
+        if self._git("diff", "--quiet", "HEAD", "--", dvcfile).returncode != 0:
+            return None
+        if self._git("ls-files", "--error-unmatch", "--", dvcfile).returncode != 0:
+            return None
+        done = self._git("log", "-1", "--format=%H", "--", dvcfile)
+        return done.stdout.strip() or None
+
+    def resolve_rev(self, rev: str) -> str:
+        done = self._git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        if done.returncode != 0:
+            raise UnknownRevisionError(rev)
+        return done.stdout.strip()
+
+    def version_at(self, rel: str, rev: str) -> DataVersion:
+        """The version of ``rel`` that commit ``rev`` records (no workspace access)."""
+        commit = self.resolve_rev(rev)
+        parts = rel.split("/")
+        for i in range(len(parts), 0, -1):
+            target = "/".join(parts[:i])
+            shown = self._git("show", f"{commit}:{target}.dvc")
+            if shown.returncode == 0:
+                md5, size, nfiles, kind = _version_from_dvcfile(shown.stdout, target, f"{rev}:{target}.dvc")
+                return DataVersion(target, md5, size, nfiles, kind, rev=commit)
+        raise NotTrackedError(rel, rev)
+
+    # -- DVC itself -------------------------------------------------------------------------------
+
+    @property
+    def repo(self) -> Any:
+        if self._repo is None:
+            from dvc.repo import Repo
+
+            self._repo = Repo(str(self.root))
+        return self._repo
+
+    def close(self) -> None:
+        if self._repo is not None:
+            self._repo.close()
+            self._repo = None
+
+    def hash_workspace(self, target: str) -> tuple[str, int, int]:
+        """(md5, size, nfiles) of the bytes on disk, through DVC's hashing and state cache."""
+        from dvc_data.hashfile.build import build
+
+        repo = self.repo
+        try:
+            _, meta, obj = build(repo.cache.local, str(self.root / target), repo.fs, "md5",
+                                 ignore=repo.dvcignore, dry_run=True)
+        except OSError as e:
+            raise DataError(f"cannot read {target}: {e.strerror or e}", path=target) from e
+        return obj.hash_info.value, int(meta.size or 0), int(meta.nfiles or 1)
+
+    def add(self, target: str) -> None:
+        """Version ``target`` with DVC. The previous ``.dvc`` file survives any failure."""
+        path = self.root / target
+        dvcfile = self.root / (target + ".dvc")
+        previous = dvcfile.read_bytes() if dvcfile.exists() else None
+        try:
+            if path.is_file():
+                self._prefill_cache(path)
+            with _dvc_errors(target):
+                self.repo.add([str(path)], relink=False)  # keep the workspace copy: no copy back
+        except BaseException:
+            _restore(dvcfile, previous)
+            raise
+
+    def _prefill_cache(self, path: Path) -> None:
+        """Hash and copy into the cache at once (two threads; both release the GIL), then tell
+        DVC's state the hash, so DVC's own add finds the work done and only writes the .dvc file."""
+        from dvc_data.hashfile.hash_info import HashInfo
+
+        odb = self.repo.cache.local
+        cache_dir = Path(odb.path)
+        result: dict[str, Any] = {}
+
+        def digest() -> None:
+            h = hashlib.md5()
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            result["md5"] = h.hexdigest()
+
+        tmp = cache_dir / f".mlops-{os.getpid()}-{threading.get_ident()}.tmp"
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"the DVC cache {cache_dir} is read-only or not writable ({e.strerror}): fix its "
+                            "permissions or point DVC at another (dvc cache dir PATH)", path=str(cache_dir)) from e
+        hasher = threading.Thread(target=digest, daemon=True)
+        hasher.start()
+        copied = False
+        try:
+            shutil.copyfile(path, tmp)
+            hasher.join()
+            copied = "md5" in result
+        except OSError as e:
+            raise DataError(f"cannot copy {path.name} into the DVC cache {cache_dir} ({e.strerror}): "
+                            "is it read-only or full?", path=str(path)) from e
+        finally:
+            if not copied:  # interrupted or failed: leave no partial object behind
+                tmp.unlink(missing_ok=True)
+        if path.stat().st_size != tmp.stat().st_size:  # the file changed while we read it
+            tmp.unlink(missing_ok=True)
+            return  # let DVC hash and copy it the slow way
+        dest = Path(odb.oid_to_path(result["md5"]))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+        self.repo.state.save(str(path), self.repo.fs, HashInfo("md5", result["md5"]))
+
+    def materialize(self, version: DataVersion, into: Path) -> Path:
+        """A private, read-only copy of a past version under ``into``; reused when present."""
+        dest = into / version.digest / Path(version.path).name
+        if dest.exists():
+            return dest
+        from dvc.api import DVCFileSystem
+
+        tmp = into / version.digest / f".tmp-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            with _dvc_errors(version.path):
+                fs = DVCFileSystem(url=str(self.root), rev=version.rev)
+                fs.get(version.path, str(tmp / "x"), recursive=version.kind == "dir")
+            os.replace(tmp / "x", dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    def push(self, targets: list[str] | None = None) -> int:
+        self.close()  # a transfer is long next to opening the repo: start from DVC's current view
+        with _dvc_errors("push", remote=True):
+            return int(self.repo.push([str(self.root / t) for t in targets] if targets else None))
+
+    def pull(self, targets: list[str] | None = None) -> dict[str, Any]:
+        self.close()
+        with _dvc_errors("pull", remote=True):
+            return self.repo.pull([str(self.root / t) for t in targets] if targets else None)
+
+
+def _restore(dvcfile: Path, previous: bytes | None) -> None:
+    try:
+        if previous is None:
+            if dvcfile.exists():
+                dvcfile.unlink()
+        elif not dvcfile.exists() or dvcfile.read_bytes() != previous:
+            tmp = dvcfile.with_name(dvcfile.name + ".restore")
+            tmp.write_bytes(previous)
+            os.replace(tmp, dvcfile)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
+    """DVC's exceptions as ours, with the one line that says what to do."""
+    from dvc.exceptions import DvcException
+
+    try:
+        yield
+    except DataError:
+        raise
+    except DvcException as e:
+        text = " ".join(str(e).split())
+        if remote or "remote" in text.lower():
+            if "no remote specified" in text.lower() or "no remote" in text.lower():
+                raise RemoteError(f"{what}: no DVC remote is configured: add one with `dvc remote add -d NAME URL` "
+                                  "(or run `jupyter mlops init` for a local one)") from e
+            raise RemoteError(f"{what}: the DVC remote failed: {text}") from e
+        raise DataError(f"{what}: {text}", path=what) from e
+    except OSError as e:
+        if remote:
+            raise RemoteError(f"{what}: the DVC remote cannot be used ({e.strerror or e}: {e.filename}); check "
+                              "its URL with `dvc remote list` and that it is reachable and writable") from e
+        if isinstance(e, PermissionError):
+            raise DataError(f"{what}: permission denied on {e.filename}: is the DVC cache or the folder read-only?",
+                            path=what) from e
+        if not isinstance(e, FileNotFoundError):
+            raise DataError(f"{what}: {e.strerror or e} ({e.filename})", path=what) from e
+        raise DataError(f"{what}: {e.filename or e} does not exist", path=what) from e
