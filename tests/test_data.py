@@ -241,3 +241,15 @@ def test_the_data_magics_in_a_real_kernel(mlops_dvc: Project) -> None:
     assert "Pushed 7 file(s)" in cell_text(executed, 5)
     sync(mlops_dvc.spool)
     assert {d.dataset.name for d in find_run(mlops_dvc, "magics").inputs.dataset_inputs} == {"data/train.csv", "data/images"}
+
+
+def test_pull_over_local_changes_refuses_and_says_what_to_do(mlops_dvc: Project) -> None:
+    data.add("data/train.csv")
+    data.push()
+    (mlops_dvc.root / "data" / "train.csv").write_text("local edit\n")
+    (mlops_dvc.root / "data" / "train.csv.dvc").write_text((mlops_dvc.root / "data" / "train.csv.dvc").read_text())
+    shutil.rmtree(mlops_dvc.root / ".dvc" / "cache")
+    with pytest.raises(DataError, match="overwrite local changes") as info:
+        data.pull()
+    assert not isinstance(info.value, RemoteError)
+    assert (mlops_dvc.root / "data" / "train.csv").read_text() == "local edit\n"

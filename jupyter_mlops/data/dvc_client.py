@@ -262,10 +262,14 @@ def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
         raise
     except DvcException as e:
         text = " ".join(str(e).split())
-        if remote or "remote" in text.lower():
-            if "no remote specified" in text.lower() or "no remote" in text.lower():
-                raise RemoteError(f"{what}: no DVC remote is configured: add one with `dvc remote add -d NAME URL` "
-                                  "(or run `jupyter mlops init` for a local one)") from e
+        kind = type(e).__name__
+        if kind == "NoRemoteError" or "no remote" in text.lower():
+            raise RemoteError(f"{what}: no DVC remote is configured: add one with `dvc remote add -d NAME URL` "
+                              "(or run `jupyter mlops init` for a local one)") from e
+        if kind == "ConfirmRemoveError" or "without confirmation" in text:
+            raise DataError(f"{what} would overwrite local changes ({text.split('confirmation.')[-1].split('force.')[-1].strip()}): "
+                            "version them with `%mlops data add` first, or discard them") from e
+        if kind in ("DownloadError", "UploadError") or (remote and kind != "CheckoutError"):
             raise RemoteError(f"{what}: the DVC remote failed: {text}") from e
         raise DataError(f"{what}: {text}", path=what) from e
     except OSError as e:
