@@ -253,3 +253,10 @@ def test_pull_over_local_changes_refuses_and_says_what_to_do(mlops_dvc: Project)
         data.pull()
     assert not isinstance(info.value, RemoteError)
     assert (mlops_dvc.root / "data" / "train.csv").read_text() == "local edit\n"
+
+
+def test_dvc_hints_do_not_reach_the_notebook(mlops_dvc: Project) -> None:
+    code = "from jupyter_mlops import data\ndata.add('data/train.csv')\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=mlops_dvc.root, capture_output=True, text=True, check=True)
+    assert "To track the changes with git" not in done.stdout + done.stderr
+    assert (mlops_dvc.root / "data" / "train.csv.dvc").is_file()

@@ -131,6 +131,7 @@ class DvcProject:
         if self._repo is None:
             from dvc.repo import Repo
 
+            _quiet_dvc()
             self._repo = Repo(str(self.root))
         return self._repo
 
@@ -236,6 +237,16 @@ class DvcProject:
         self.close()
         with _dvc_errors("pull", remote=True):
             return self.repo.pull([str(self.root / t) for t in targets] if targets else None)
+
+
+def _quiet_dvc() -> None:
+    """In-process, DVC's INFO messages (hints meant for its CLI, like "To track the changes with
+    git, run: ...") would land in the notebook; our own messages say what to commit."""
+    import logging
+
+    dvc_logger = logging.getLogger("dvc")
+    if dvc_logger.level < logging.WARNING:
+        dvc_logger.setLevel(logging.WARNING)
 
 
 def _restore(dvcfile: Path, previous: bytes | None) -> None:

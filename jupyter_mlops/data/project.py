@@ -44,6 +44,9 @@ def init_project(folder: Path) -> list[str]:
         (embedded / ".gitignore").write_text("# local state of jupyter_mlops: never commit it\n*\n")
     from dvc.repo import Repo
 
+    from .dvc_client import _quiet_dvc
+
+    _quiet_dvc()
     if not (folder / ".dvc").is_dir():
         Repo.init(str(folder), subdir=git_root != folder).close()
         done.append("initialised DVC (.dvc/)")
