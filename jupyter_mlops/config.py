@@ -45,6 +45,16 @@ def find_project_root(start: Path | None = None) -> Path:
     return start
 
 
+def _absolute_db_path(uri: str) -> str:
+    """``sqlite:///x.db`` and ``file:x`` name paths relative to the caller's folder; the uploader
+    runs elsewhere, so they are made absolute where the URI is read."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return Path(uri[len("file:"):]).resolve().as_uri()
+    return uri
+
+
 class MlopsConfig(Configurable):
     """Where runs go and where local state lives."""
 
@@ -126,7 +136,7 @@ class MlopsConfig(Configurable):
                 f"tracking URI {self.tracking_uri!r} has an unknown scheme {scheme!r}; use http(s)://HOST:PORT, "
                 "sqlite:///PATH, postgresql://..., mysql://... (MLFLOW_TRACKING_URI or c.MlopsConfig.tracking_uri)"
             )
-        return self.tracking_uri
+        return _absolute_db_path(self.tracking_uri)
 
     @property
     def uses_embedded_store(self) -> bool:

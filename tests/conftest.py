@@ -87,6 +87,18 @@ def mlops_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     stop_flusher(project.spool)
 
 
+@pytest.fixture(autouse=True)
+def mlops_no_leftover_run() -> Iterator[None]:
+    """Each test starts with no active run in this process, whatever the last one left."""
+    from jupyter_mlops.tracking import run as run_module
+
+    yield
+    leftover = run_module._active
+    if leftover is not None and not leftover.ended:
+        leftover._writer.close()
+    run_module._active = None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,6 +184,20 @@ def mlops_readonly_dir(tmp_path: Path) -> Iterator[Path]:
         path.chmod(0o500)
         yield path
         path.chmod(0o700)
+
+
+@pytest.fixture
+def mlops_small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB file system that fills up (a tmpfs; needs root)."""
+    path = tmp_path / "small"
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is simulated with a small tmpfs, which needs root to mount")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
 
 
 def make_notebook(path: Path, cells: list[str], parameters: str | None = None) -> Path:

@@ -65,3 +65,11 @@ def test_a_tracking_uri_with_an_unknown_scheme_is_refused_at_once(tmp_path: Path
         config.resolved_tracking_uri
     ok = load_config(read_files=False, project_root=str(tmp_path), tracking_uri="postgresql+psycopg2://u@h/db")
     assert ok.resolved_tracking_uri.startswith("postgresql+psycopg2")
+
+
+def test_a_relative_sqlite_uri_is_anchored_where_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(read_files=False, project_root=str(tmp_path), tracking_uri="sqlite:///mlflow.db")
+    assert config.resolved_tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    absolute = load_config(read_files=False, tracking_uri="sqlite:////srv/m.db")
+    assert absolute.resolved_tracking_uri == "sqlite:////srv/m.db"

@@ -59,6 +59,11 @@ def test_nan_and_infinity_are_metrics_too(mlops_run: tracking.Run) -> None:
         (lambda: tracking.log_metric("acc", 1, step="x"), "step must be an integer"),
         (lambda: tracking.log_param("p", "x" * 6001), "longer than 6000"),
         (lambda: tracking.set_tag("t", "x" * 8001), "longer than 8000"),
+        (lambda: tracking.log_metric("loss\n", 1), "names may hold"),
+        (lambda: tracking.log_metric("acc", 1, step=1.9), "step must be an integer"),
+        (lambda: tracking.log_metric("acc", 1, step=2**63), "out of range"),
+        (lambda: tracking.log_metric("acc", 1, timestamp=1.7e12 + 0.5), "timestamp must be an integer"),
+        (lambda: tracking.set_tag("t", "bad \ud800 text"), "lone surrogate"),
     ],
 )
 def test_bad_values_fail_at_the_call_and_record_nothing(mlops_run: tracking.Run, call, match: str) -> None:
@@ -108,3 +113,46 @@ def test_without_a_run_the_error_says_how_to_start_one() -> None:
         tracking.log_metric("x", 1)
     with pytest.raises(NoActiveRunError):
         tracking.end_run()
+
+
+def test_integral_steps_of_other_types_are_accepted(mlops_run: tracking.Run) -> None:
+    tracking.log_metric("a", 1, step=3.0, timestamp=1000.0)
+    assert records(mlops_run) == [("m", ("a", "1.0", "1000", "3"))]
+
+
+def test_artifact_paths_and_sources_are_checked(mlops_run: tracking.Run, mlops_project: Project) -> None:
+    with pytest.raises(TrackingError, match="relative path inside the run"):
+        tracking.log_artifact(mlops_project.root / "README.md", "../outside")
+    with pytest.raises(TrackingError, match="holds the tracking spool"):
+        tracking.log_artifact(mlops_project.root)
+    assert records(mlops_run) == []
+
+
+def test_a_run_that_fails_to_start_leaves_nothing_behind(mlops_project: Project) -> None:
+    config = mlops_project.config(flusher_autostart=False)
+    with pytest.raises(InvalidValueError, match="longer than 6000"):
+        tracking.start_run(capture_context=False, config=config, params={"p": "x" * 7000})
+    assert tracking.active_run() is None
+    assert [p.name for p in config.resolved_spool_dir.iterdir() if p.is_dir()] == []
+
+
+def test_a_full_disk_raises_and_keeps_the_spool_whole(mlops_project: Project, mlops_small_fs: Path) -> None:
+    from jupyter_mlops.errors import SpoolError
+    from jupyter_mlops.tracking.flusher import sync
+
+    ballast = mlops_small_fs / "ballast"
+    ballast.write_bytes(b"x" * 16384)  # freed below, as a user frees space before syncing
+    config = mlops_project.config(flusher_autostart=False, spool_dir=str(mlops_small_fs / "spool"))
+    run = tracking.start_run(experiment="full", capture_context=False, config=config)
+    logged = 0
+    with pytest.raises(SpoolError, match="No space left"):
+        for step in range(100_000):
+            run.log_metric("a_rather_long_metric_name_to_fill_the_disk", step, step=step)
+            logged += 1
+    events = (mlops_small_fs / "spool" / run.spool_id / "events.log").read_bytes()
+    assert events.endswith(b"\n") and events.count(b"\n") == logged  # whole records only
+    run._writer.close()  # the kernel "dies" with a full disk
+    ballast.unlink()
+    sync(config.resolved_spool_dir)
+    history = mlops_project.client().get_metric_history(run.run_id, "a_rather_long_metric_name_to_fill_the_disk")
+    assert len(history) == logged

@@ -185,3 +185,44 @@ def test_a_refused_run_waits_for_the_fix_and_sync_retries_it(mlops_project: Proj
     result = sync(mlops_project.spool)
     assert result.finished == [run.spool_id]
     assert client.get_run(run.run_id).data.metrics == {"x": 1.0}
+
+
+def test_a_dead_writers_cut_record_is_set_aside_and_the_run_finishes(mlops_project: Project) -> None:
+    code = (
+        "import os, signal\n"
+        "from jupyter_mlops import tracking\n"
+        "from jupyter_mlops.config import load_config\n"
+        "run = tracking.start_run(experiment='cut', capture_context=False,\n"
+        "                         config=load_config(read_files=False, flusher_autostart=False))\n"
+        "run.log_metric('m', 1)\n"
+        "os.write(run._fd, b'm\\tm\\t2.0\\t12')  # killed inside a write\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=mlops_project.root, check=False)
+    result = sync(mlops_project.spool)
+    assert len(result.finished) == 1
+    found = find_run(mlops_project, "cut")
+    assert found.info.status == "KILLED" and found.data.metrics == {"m": 1.0}
+    assert found.data.tags["mlops.rejected_records"] == "1"
+
+
+def test_the_flusher_leaves_when_only_refused_runs_remain(mlops_project: Project) -> None:
+    client = mlops_project.client()
+    exp_id = client.create_experiment("gone2", artifact_location=(mlops_project.root / ".mlops" / "artifacts").as_uri())
+    client.delete_experiment(exp_id)
+    run = tracking.start_run(experiment="gone2", capture_context=False, config=mlops_project.config())
+    run.end(log_notebook=False)
+    state_file = mlops_project.spool / run.spool_id / "state.json"
+    deadline = time.monotonic() + 60
+    while "failed" not in (read_json(state_file) or {}) or (pid := running_pid(mlops_project.spool)) is None:
+        assert time.monotonic() < deadline, "the flusher never tried the run"
+        time.sleep(0.05)  # the flusher works in its own process; its state file is what it says
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout=30)  # the process, not its lock: a spinning flusher
+    except psutil.TimeoutExpired:             # frees the lock for an instant on every turn
+        psutil.Process(pid).kill()
+        pytest.fail("the flusher kept going with only a refused run left")
+    assert (mlops_project.spool / run.spool_id).is_dir()  # kept for `jupyter mlops sync`
+    assert "is deleted" in read_json(state_file)["failed"]

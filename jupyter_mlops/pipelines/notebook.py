@@ -114,6 +114,7 @@ def _parameters_json(src: Path, parameters: Mapping[str, Any]) -> str:
 
 def _execute(src: Path, out: Path, parameters: dict[str, Any], kernel_name: str | None, progress: bool) -> NotebookFailed | None:
     import papermill
+    from jupyter_client.kernelspec import NoSuchKernel
     from papermill.exceptions import PapermillExecutionError
 
     try:
@@ -127,6 +128,8 @@ def _execute(src: Path, out: Path, parameters: dict[str, Any], kernel_name: str 
         )
     except PapermillExecutionError as e:
         return NotebookFailed(src, out, e.cell_index + 1, f"{e.ename}: {e.evalue}")
+    except NoSuchKernel as e:
+        raise MlopsError(f"no kernel named {e.name!r}: see `jupyter kernelspec list` for the names here") from e
     return None
 
 

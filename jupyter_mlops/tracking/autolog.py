@@ -16,7 +16,11 @@ def enable(run: Run, timeout: float = 60.0) -> None:
             f"--autolog needs the run to exist on {run.header['tracking_uri']}, and it was not "
             f"created within {timeout:g}s (is the server up?). Tracking continues without autolog."
         )
-    import mlflow
+    try:
+        import mlflow
+    except ImportError as e:
+        raise TrackingError("--autolog needs mlflow in the kernel's environment: pip install mlflow "
+                            "(tracking goes on without autolog)") from e
 
     mlflow.set_tracking_uri(run.header["tracking_uri"])
     mlflow.start_run(run_id=run.run_id)

@@ -47,6 +47,10 @@ _UNREACHABLE = (
 def _classify(uri: str, e: BaseException) -> TrackingServerError:
     from mlflow.exceptions import MlflowException
 
+    if isinstance(e, (TypeError, ValueError, UnicodeError, OverflowError)) and not isinstance(e, MlflowException):
+        # The request itself cannot be made (a value MLflow's client or JSON cannot encode, a
+        # malformed URL): sending it again gives the same answer.
+        return Rejected(uri, _short(f"{type(e).__name__}: {e}"))
     if isinstance(e, ModuleNotFoundError):
         return Retryable(uri, f"the driver for this store is not installed ({e}): pip install it, "
                               "e.g. pip install 'jupyter_mlops[postgres]'; the run stays spooled until then")

@@ -117,13 +117,13 @@ def sync(spool_dir: Path, *, progress: Callable[[PassResult], None] | None = Non
     from .uploader import Uploader
 
     uploader = Uploader(spool_dir, retry_refused=True)
-    result = uploader.pass_once(wait_for_lock=True)
+    result = uploader.pass_once(wait_for_lock=True, windows=None)
     if progress:
         progress(result)
     for _ in range(attempts - 1):
         if not result.uploaded or not result.pending or result.waiting:
             break
-        result = uploader.pass_once(wait_for_lock=True)
+        result = uploader.pass_once(wait_for_lock=True, windows=None)
         if progress:
             progress(result)
     return result
@@ -143,24 +143,31 @@ def _take_lock(spool_dir: Path) -> int | None:
 
 def serve(spool_dir: Path, idle_timeout: float, max_linger: float) -> int:
     """The flusher's main loop. Returns when there is nothing left to do (or nothing it can do)."""
-    lock_fd = _take_lock(spool_dir)
-    if lock_fd is None:
-        return 0  # another flusher serves this folder
+    log = logging.getLogger("jupyter_mlops.flusher")
+    # Handlers first: a kernel may nudge (SIGUSR1) as soon as the lock file names our pid, and
+    # SIGUSR1's default action would end us.
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGUSR1, lambda *_: None)  # the wakeup fd is the message
-    stop = []
+    stop: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    lock_fd = _take_lock(spool_dir)
+    if lock_fd is None:
+        return 0  # another flusher serves this folder
 
-    from .uploader import Uploader
+    from .uploader import PassResult, Uploader
 
     uploader = Uploader(spool_dir)
     last_progress = time.monotonic()
     backoff = 0.5
     while not stop:
-        result = uploader.pass_once()
+        try:
+            result = uploader.pass_once()
+        except Exception:  # never die with work left: log it, wait, try again
+            log.exception("upload pass failed; retrying")
+            result = PassResult(waiting=["pass failed"])
         now = time.monotonic()
         if result.uploaded or result.finished:
             last_progress = now
@@ -171,19 +178,21 @@ def serve(spool_dir: Path, idle_timeout: float, max_linger: float) -> int:
             backoff = 0.5
             timeout = 0.02 if result.uploaded else 0.25
         nothing_open = result.live == 0
-        if result.pending == len(result.failed) and nothing_open and now - last_progress >= idle_timeout:
-            # Release the lock, then look once more: a run that appeared meanwhile either saw
-            # the lock free (and started a new flusher) or is seen here (and we carry on).
+        idle = result.pending == len(result.failed) and nothing_open and now - last_progress >= idle_timeout
+        gave_up = bool(result.waiting) and nothing_open and now - last_progress >= max_linger
+        if idle or gave_up:
+            if gave_up:
+                log.warning("giving up for now; %d run(s) stay spooled in %s: upload them with "
+                            "`jupyter mlops sync`", result.pending, spool_dir)
+            # Release the lock, then look once more: a run that appeared meanwhile either saw the
+            # lock free (and started a flusher of its own) or is seen here (and we carry on).
+            # Runs the server refused stay for `sync` and do not keep us here.
             os.close(lock_fd)
-            if not any(True for _ in iter_run_dirs(spool_dir)) or (lock_fd := _take_lock(spool_dir)) is None:
-                return 0
+            new = [d for d in iter_run_dirs(spool_dir) if d.name not in result.seen]
+            if not new or (lock_fd := _take_lock(spool_dir)) is None:
+                return 1 if gave_up else 0
+            last_progress = now
             continue
-        if result.waiting and nothing_open and now - last_progress >= max_linger:
-            logging.getLogger("jupyter_mlops.flusher").warning(
-                "giving up for now; %d run(s) stay spooled in %s: upload them with `jupyter mlops sync`",
-                result.pending, spool_dir,
-            )
-            return 1
         select.select([wake_r], [], [], timeout)
         try:
             while os.read(wake_r, 512):

@@ -11,6 +11,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -43,7 +44,7 @@ __all__ = [
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
-_KEY_RE = re.compile(r"^[/\w.\- :]+$")
+_KEY_RE = re.compile(r"[/\w.\- :]+")  # used with fullmatch: "$" would let a final newline through
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 _active: Run | None = None
@@ -56,7 +57,7 @@ def _check_key(kind: str, key: str, valid: set[str]) -> None:
         raise InvalidValueError(kind, str(key), "needs a non-empty string name")
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidValueError(kind, key[:40] + "...", f"name is longer than {MAX_KEY_LENGTH} characters")
-    if not _KEY_RE.match(key):
+    if not _KEY_RE.fullmatch(key):
         raise InvalidValueError(
             kind, key, "names may hold letters, digits, '_', '-', '.', ' ', ':' and '/' only"
         )
@@ -64,6 +65,39 @@ def _check_key(kind: str, key: str, valid: set[str]) -> None:
     if norm != key or norm in (".",) or norm.startswith(("..", "/")):
         raise InvalidValueError(kind, key, f"name must not be a path that resolves elsewhere ({norm!r})")
     valid.add(key)
+
+
+_I64 = 2**63
+
+
+def _integer(what: str, key: str, value: Any) -> int:
+    """``value`` as MLflow's 64-bit integer (steps, millisecond timestamps), or a clear error."""
+    try:
+        number = int(value)
+        if number != value:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidValueError("metric", key, f"{what} must be an integer, got {value!r}") from None
+    if not -_I64 <= number < _I64 or (what == "timestamp" and number < 0):
+        raise InvalidValueError("metric", key, f"{what} {number} is out of range (64-bit, milliseconds for timestamps)")
+    return number
+
+
+def _check_text(kind: str, key: str, text: str, limit: int) -> None:
+    if len(text) > limit:
+        raise InvalidValueError(kind, key, f"value is longer than {limit} characters" + ("; log it as an artifact" if kind == "param" else ""))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValueError(kind, key, "value is not valid text (it holds a lone surrogate)") from None
+
+
+def _check_artifact_path(path: str | None) -> None:
+    if path is None:
+        return
+    norm = posixpath.normpath(path)
+    if path.startswith("/") or norm == ".." or norm.startswith("../") or "\\" in path:
+        raise TrackingError(f"artifact folder {path!r} must be a relative path inside the run (like 'models/v1')")
 
 
 def _now_ms() -> int:
@@ -101,13 +135,28 @@ class Run:
             raise InvalidValueError("metric", key, f"needs a number, got {value!r}") from None
         if self.ended:
             raise NoActiveRunError("log a metric")
+        if step is None:
+            step = 0
+        elif type(step) is not int or not -_I64 <= step < _I64:
+            step = _integer("step", key, step)
+        if timestamp is None:
+            timestamp = time.time_ns() // 1_000_000
+        elif type(timestamp) is not int or not 0 <= timestamp < _I64:
+            timestamp = _integer("timestamp", key, timestamp)
+        self._append(f"m\t{key}\t{number!r}\t{timestamp}\t{step}\n".encode())
+
+    def _append(self, data: bytes) -> None:
+        """One record, whole or not at all (a full disk must not leave half a line behind)."""
         try:
-            line = f"m\t{key}\t{number!r}\t{timestamp or time.time_ns() // 1_000_000}\t{int(step or 0)}\n"
-            os.write(self._fd, line.encode())
-        except (TypeError, ValueError):
-            raise InvalidValueError("metric", key, f"step must be an integer, got {step!r}") from None
-        except OSError:
-            self._writer.write(line)  # re-raises as a SpoolError that says what to do
+            written = os.write(self._fd, data)
+        except OSError as e:
+            written = 0
+            error: OSError | None = e
+        else:
+            if written == len(data):
+                return
+            error = None
+        self._writer.finish_or_undo(data, written, error, ended=bool(self.ended))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         ts = _now_ms()
@@ -121,15 +170,14 @@ class Run:
         if key not in self._valid_keys:
             _check_key("param", key, self._valid_keys)
         text = value if isinstance(value, str) else str(value)  # as mlflow.log_param does
-        if len(text) > MAX_PARAM_VAL_LENGTH:
-            raise InvalidValueError("param", key, f"value is longer than {MAX_PARAM_VAL_LENGTH} characters; log it as an artifact")
+        _check_text("param", key, text, MAX_PARAM_VAL_LENGTH)
         old = self._params.get(key)
         if old is not None:
             if old != text:
                 raise ParamChangedError(key, old, text)
             return
         self._params[key] = text
-        self._writer.write(f"p\t{key}\t{json.dumps(text)}\n")
+        self._append(f"p\t{key}\t{json.dumps(text)}\n".encode())
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         for key, value in params.items():
@@ -140,9 +188,8 @@ class Run:
         if key not in self._valid_keys:
             _check_key("tag", key, self._valid_keys)
         text = value if isinstance(value, str) else str(value)
-        if len(text) > MAX_TAG_VAL_LENGTH:
-            raise InvalidValueError("tag", key, f"value is longer than {MAX_TAG_VAL_LENGTH} characters")
-        self._writer.write(f"t\t{key}\t{json.dumps(text)}\n")
+        _check_text("tag", key, text, MAX_TAG_VAL_LENGTH)
+        self._append(f"t\t{key}\t{json.dumps(text)}\n".encode())
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
@@ -151,16 +198,20 @@ class Run:
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Snapshot a file or folder now (later edits do not change what is recorded)."""
         self._require_open("log an artifact")
-        src = Path(path).expanduser()
+        src = Path(path).expanduser().resolve()
         if not src.exists():
             raise TrackingError(f"cannot log artifact {str(path)!r}: no such file or folder")
+        _check_artifact_path(artifact_path)
+        spool = self.spool_dir.resolve()
+        if src == spool or spool.is_relative_to(src):
+            raise TrackingError(f"cannot log {str(path)!r}: it holds the tracking spool {spool}; log a narrower path")
         rel = self._writer.snapshot(src)
-        self._writer.write(f"a\t{json.dumps({'src': rel, 'path': artifact_path})}\n")
+        self._append(f"a\t{json.dumps({'src': rel, 'path': artifact_path})}\n".encode())
 
     def log_text(self, text: str, artifact_dir: str | None, name: str) -> None:
         self._require_open("log an artifact")
         rel = self._writer.snapshot_text(text, name)
-        self._writer.write(f"a\t{json.dumps({'src': rel, 'path': artifact_dir})}\n")
+        self._append(f"a\t{json.dumps({'src': rel, 'path': artifact_dir})}\n".encode())
 
     def before_end(self, hook: Callable[["Run"], None]) -> None:
         """Call ``hook(run)`` just before the end record, while the run can still log."""
@@ -169,7 +220,7 @@ class Run:
     def log_dataset(self, version: Mapping[str, Any], role: str) -> None:
         """Record a data version as the run's ``input`` or ``output`` (MLflow dataset API)."""
         self._require_open("record data")
-        self._writer.write(f"d\t{role}\t{json.dumps(dict(version), sort_keys=True)}\n")
+        self._append(f"d\t{role}\t{json.dumps(dict(version), sort_keys=True)}\n".encode())
 
     def on_end(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(status)`` once the run has ended (e.g. to close mlflow's own active run)."""
@@ -203,7 +254,7 @@ class Run:
                 self.set_tag("mlops.end_hook_error", f"{type(e).__name__}: {e}"[:MAX_TAG_VAL_LENGTH])
         if status == "FAILED" and self.last_error:
             self.set_tag("mlops.error", self.last_error[:MAX_TAG_VAL_LENGTH])
-        self._writer.write(f"e\t{status}\t{_now_ms()}\n")
+        self._append(f"e\t{status}\t{_now_ms()}\n".encode())
         self._writer.close()
         self.ended = status
         _flusher.ensure_running(self.spool_dir, self.config, nudge=True)
@@ -327,14 +378,22 @@ def start_run(
         }
         spool_dir = config.resolved_spool_dir
         _flusher.prepare_spool_dir(spool_dir, config)
+        for key, value in all_tags.items():
+            _check_key("tag", key, set())
+            _check_text("tag", key, value, MAX_TAG_VAL_LENGTH)
         writer = SpoolWriter(spool_dir / spool_id, header)
         run = Run(writer, header, config)
-        if ctx:
-            run.log_params(ctx.params)
-            for artifact_dir, file_name, text in ctx.files:
-                run.log_text(text, artifact_dir, file_name)
-        if params:
-            run.log_params(params)
+        try:
+            if ctx:
+                run.log_params(ctx.params)
+                for artifact_dir, file_name, text in ctx.files:
+                    run.log_text(text, artifact_dir, file_name)
+            if params:
+                run.log_params(params)
+        except BaseException:
+            writer.close()  # a run that failed to start leaves nothing to upload
+            shutil.rmtree(writer.run_dir, ignore_errors=True)
+            raise
         _active = run
         if not _atexit_registered:
             atexit.register(_end_at_exit)

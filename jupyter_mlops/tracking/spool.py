@@ -20,8 +20,9 @@ Layout of ``<spool_dir>/<spool_id>/``:
 ``state.json``   the uploader's progress: MLflow run id, experiment id, byte offset uploaded.
 ``rejected.log`` records the tracking server refused, with the reason (never silently dropped).
 
-Keys are validated before they reach the spool (no tabs or newlines can occur in them); values of
-params and tags are JSON strings, so any text round-trips.
+Keys are validated before they reach the spool (letters, digits and ``_-. :/`` only, so no tab or
+newline); values of params and tags are JSON strings, so any text round-trips. A record the
+uploader cannot parse is set aside in ``rejected.log``, never left to block the records after it.
 """
 
 from __future__ import annotations
@@ -103,15 +104,45 @@ class SpoolWriter:
         self._files = 0
 
     def write(self, line: str) -> None:
+        data = line.encode()
         try:
-            os.write(self.fd, line.encode())
+            written = os.write(self.fd, data)
         except OSError as e:
-            raise _spool_error(self.run_dir, e) from e
+            self.finish_or_undo(data, 0, e)
+        else:
+            if written != len(data):
+                self.finish_or_undo(data, written, None)
+
+    def finish_or_undo(self, data: bytes, written: int, error: OSError | None, *, ended: bool = False) -> None:
+        """After a short or failed write of one record: complete it, or cut the partial record off
+        again (the spool holds whole lines only) and raise :class:`SpoolError`."""
+        if ended:
+            from ..errors import NoActiveRunError
+
+            raise NoActiveRunError("log after the run ended")
+        while error is None and written < len(data):
+            try:
+                n = os.write(self.fd, data[written:])
+            except OSError as e:
+                error = e
+                break
+            if n == 0:
+                error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                break
+            written += n
+        if error is None:
+            return
+        if written:
+            try:
+                os.ftruncate(self.fd, os.fstat(self.fd).st_size - written)
+            except OSError:
+                pass
+        raise _spool_error(self.run_dir, error) from error
 
     def snapshot(self, src: Path) -> str:
         """Copy ``src`` (file or folder) under ``files/``; return its path relative to ``files/``."""
         self._files += 1
-        rel = f"{self._files}/{src.name}"
+        rel = f"{self._files}/{src.resolve().name or 'root'}"
         dest = self.run_dir / FILES / rel
         try:
             dest.parent.mkdir(parents=True)
@@ -174,7 +205,7 @@ def read_records(run_dir: Path, offset: int, limit_bytes: int = 4 << 20) -> list
 def writer_alive(run_dir: Path) -> bool:
     """True while a process holds this run's writer lock (the OS drops it when that process dies)."""
     try:
-        fd = os.open(run_dir / WRITER_LOCK, os.O_WRONLY)
+        fd = os.open(run_dir / WRITER_LOCK, os.O_RDONLY)  # flock needs no write access
     except FileNotFoundError:
         return False
     try:

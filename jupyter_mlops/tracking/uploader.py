@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SpoolError
 from .client import MlflowGateway, Rejected, Retryable
 from .spool import (
     DONE_DIR,
@@ -38,6 +39,7 @@ __all__ = ["Uploader", "PassResult"]
 
 log = logging.getLogger("jupyter_mlops.flusher")
 
+BATCHED = frozenset("mpt")  # metrics, params, tags: sent together in log_batch calls
 MAX_METRICS = 1000
 MAX_PARAMS_TAGS = 100
 MAX_REQUEST_BYTES = 900_000  # MLflow refuses log_batch requests over 1e6 bytes
@@ -52,6 +54,7 @@ class PassResult:
     finished: list[str] = field(default_factory=list)  # spool ids completed in this pass
     waiting: list[str] = field(default_factory=list)  # errors that will be retried
     failed: list[str] = field(default_factory=list)  # runs the server refused to create
+    seen: set[str] = field(default_factory=set)  # names of the run folders looked at
 
     @property
     def pending(self) -> int:
@@ -112,17 +115,29 @@ class Uploader:
                 raise _classify(key[0], e) from e
         return self._gateways[key]
 
-    def pass_once(self, *, wait_for_lock: bool = False) -> PassResult:
-        """Upload what is pending in every run folder once. Never raises for a server problem."""
+    def pass_once(self, *, wait_for_lock: bool = False, windows: int | None = 1) -> PassResult:
+        """Upload what is pending in every run folder, at most ``windows`` reads (about 4 MiB each)
+        per run, so one long run does not hold up the others (None: everything).
+
+        Never raises for a server problem; raises :class:`SpoolError` when the spool cannot be
+        written (the uploader could not record its progress).
+        """
         result = PassResult()
         for run_dir in iter_run_dirs(self.spool_dir):
             result.runs += 1
+            result.seen.add(run_dir.name)
             lock = RunLock(run_dir)
-            if not lock.acquire(blocking=wait_for_lock):
-                result.live += 1  # another uploader is on it
-                continue
             try:
-                self._upload_run(run_dir, result)
+                if not lock.acquire(blocking=wait_for_lock):
+                    result.live += 1  # another uploader is on it
+                    continue
+            except FileNotFoundError:
+                result.runs -= 1  # finished and removed by another uploader meanwhile
+                continue
+            except OSError as e:
+                raise SpoolError(str(self.spool_dir), e.strerror or str(e)) from e
+            try:
+                self._upload_run(run_dir, result, windows)
             except Retryable as e:
                 result.waiting.append(f"{run_dir.name}: {e}")
                 self._report(run_dir.name, f"will retry: {e}")
@@ -131,7 +146,9 @@ class Uploader:
                 result.failed.append(f"{run_dir.name}: {e.reason}")
                 self._report(run_dir.name, f"refused: {e}")
             except Exception as e:  # a bug of ours must not stop the other runs' uploads
-                log.exception("%s: unexpected error; the run stays spooled", run_dir.name)
+                if self._reported.get(run_dir.name) != repr(e):
+                    log.exception("%s: unexpected error; the run stays spooled", run_dir.name)
+                    self._reported[run_dir.name] = repr(e)
                 result.waiting.append(f"{run_dir.name}: unexpected error {type(e).__name__}: {e}")
             finally:
                 lock.release()
@@ -144,7 +161,7 @@ class Uploader:
 
     # -- one run ----------------------------------------------------------------------------------
 
-    def _upload_run(self, run_dir: Path, result: PassResult) -> None:
+    def _upload_run(self, run_dir: Path, result: PassResult, windows: int | None) -> None:
         header = read_json(run_dir / HEADER)
         if header is None:
             return
@@ -168,44 +185,41 @@ class Uploader:
                 atomic_write_json(run_dir / STATE, state)
                 raise
         run_id = state["run_id"]
-        ended = state.get("ended")
-        while True:
+        reads = 0
+        while windows is None or reads < windows:
             records = read_records(run_dir, int(state["offset"]))
+            reads += 1
             if not records:
                 break
             i = 0
             while i < len(records):
-                record = records[i]
-                if record.kind in "mpt":
+                if records[i].kind in BATCHED:
                     batch = _Batch()
-                    while i < len(records) and records[i].kind in "mpt" and not batch.full(records[i]):
+                    while i < len(records) and records[i].kind in BATCHED and not batch.full(records[i]):
                         try:
                             batch.add(records[i])
-                        except (ValueError, IndexError):  # a damaged line: set aside, go on
-                            self._reject(gateway, run_id, run_dir, records[i], "malformed record")
+                        except (ValueError, IndexError, TypeError):  # a damaged line: set aside, go on
+                            self._reject(gateway, run_id, run_dir, records[i], "malformed record", state)
                         i += 1
                     if batch.records:
-                        self._send_batch(gateway, run_id, batch, run_dir)
+                        self._send_batch(gateway, run_id, batch, run_dir, state)
                         result.uploaded += len(batch.records)
                     state["offset"] = records[i - 1].end
                 else:
-                    if record.kind == "a":
-                        spec = json.loads(record.fields[0])
-                        src = run_dir / FILES / spec["src"]
-                        if src.exists():
-                            gateway.log_artifact(run_id, src, spec.get("path"))
-                    elif record.kind == "d":
-                        try:
-                            gateway.log_dataset(run_id, record.fields[0], json.loads(record.fields[1]))
-                        except Rejected as e:
-                            self._reject(gateway, run_id, run_dir, record, e.reason)
-                    elif record.kind == "e":
-                        gateway.terminate(run_id, record.fields[0], int(record.fields[1]))
-                        ended = state["ended"] = record.fields[0]
+                    self._apply(gateway, run_id, run_dir, records[i], state)
                     result.uploaded += 1
-                    state["offset"] = record.end
+                    state["offset"] = records[i].end
                     i += 1
                 atomic_write_json(run_dir / STATE, state)
+        ended = state.get("ended")
+        if not alive and not _fully_read(run_dir, int(state["offset"])) and not read_records(run_dir, int(state["offset"]), 1 << 20):
+            # A dead writer's last record was cut short (the disk filled, the process was killed
+            # inside a write): no newline will ever come. Set the tail aside and finish the run.
+            size = os.stat(run_dir / EVENTS).st_size
+            tail = Record("?", ("<unterminated tail>",), size)
+            self._reject(gateway, run_id, run_dir, tail, f"unterminated last record ({size - int(state['offset'])} bytes)", state)
+            state["offset"] = size
+            atomic_write_json(run_dir / STATE, state)
         if not alive and not ended and _fully_read(run_dir, int(state["offset"])):
             # The kernel died without ending the run (killed, crashed, out of memory).
             gateway.set_tags(run_id, {"mlops.end_reason": "the writing process died before the run ended"})
@@ -216,6 +230,28 @@ class Uploader:
             self._finish(run_dir, header, state)
             result.finished.append(run_dir.name)
 
+    def _apply(self, gateway: MlflowGateway, run_id: str, run_dir: Path, record: Record, state: dict[str, Any]) -> None:
+        """One artifact, dataset or end record; a record that cannot be applied is set aside."""
+        try:
+            if record.kind == "a":
+                spec = json.loads(record.fields[0])
+                src = run_dir / FILES / spec["src"]
+                if not src.exists():
+                    raise ValueError(f"artifact snapshot {spec['src']} is missing from the spool")
+                gateway.log_artifact(run_id, src, spec.get("path"))
+            elif record.kind == "d":
+                gateway.log_dataset(run_id, record.fields[0], json.loads(record.fields[1]))
+            elif record.kind == "e":
+                status, end_time = record.fields[0], int(record.fields[1])
+                gateway.terminate(run_id, status, end_time)
+                state["ended"] = status
+            else:
+                raise ValueError("malformed record")
+        except Rejected as e:
+            self._reject(gateway, run_id, run_dir, record, e.reason, state)
+        except (ValueError, IndexError, KeyError, TypeError) as e:
+            self._reject(gateway, run_id, run_dir, record, str(e) if record.kind != "?" else "malformed record", state)
+
     def _create_run(self, gateway: MlflowGateway, header: dict[str, Any], state: dict[str, Any], run_dir: Path) -> None:
         if header.get("run_id"):  # attach to a run someone else created (a pipeline step's)
             state["run_id"] = header["run_id"]
@@ -223,19 +259,18 @@ class Uploader:
             state["experiment_id"] = None
         else:
             exp_id = gateway.experiment_id(header["experiment"])
-            run_id = gateway.find_run(exp_id, header["spool_id"]) if state.get("creating") else None
+            # A run created by an uploader that died before noting it (or a lost state.json) is
+            # found again by its spool id instead of being created twice.
+            run_id = gateway.find_run(exp_id, header["spool_id"])
             if run_id is None:
-                state["creating"] = True  # a crash from here on is resolved by find_run above
-                atomic_write_json(run_dir / STATE, state)
                 run_id = gateway.create_run(exp_id, header["start_time"], header["tags"], header.get("run_name"))
             state["run_id"] = run_id
             state["experiment_id"] = exp_id
-        state.pop("creating", None)
         state["url"] = gateway.run_url(state.get("experiment_id") or "0", state["run_id"])
         atomic_write_json(run_dir / STATE, state)
         log.info("%s: recording into run %s at %s", header["spool_id"], state["run_id"], gateway.uri)
 
-    def _send_batch(self, gateway: MlflowGateway, run_id: str, batch: _Batch, run_dir: Path) -> None:
+    def _send_batch(self, gateway: MlflowGateway, run_id: str, batch: _Batch, run_dir: Path, state: dict[str, Any]) -> None:
         try:
             gateway.log_batch(run_id, batch.metrics, batch.params, list(batch.tags.items()))
         except Rejected:
@@ -246,17 +281,22 @@ class Uploader:
                 try:
                     gateway.log_batch(run_id, single.metrics, single.params, list(single.tags.items()))
                 except Rejected as e:
-                    self._reject(gateway, run_id, run_dir, record, e.reason)
+                    self._reject(gateway, run_id, run_dir, record, e.reason, state)
 
-    def _reject(self, gateway: MlflowGateway, run_id: str, run_dir: Path, record: Record, reason: str) -> None:
-        line = json.dumps({"record": [record.kind, *record.fields], "reason": reason})
+    def _reject(self, gateway: MlflowGateway, run_id: str, run_dir: Path, record: Record, reason: str,
+                state: dict[str, Any]) -> None:
+        """Set a record aside in rejected.log (once, also when a pass is replayed) and count it."""
+        done = state.setdefault("rejected_at", [])  # offsets already set aside (rejections are rare)
+        if record.end in done:
+            return
+        line = json.dumps({"record": [record.kind, *record.fields], "reason": reason, "offset": record.end})
         with open(run_dir / REJECTED, "a", encoding="utf-8") as f:
             f.write(line + "\n")
-        with open(run_dir / REJECTED, encoding="utf-8") as f:
-            count = sum(1 for _ in f)
+        done.append(record.end)
+        state["rejected"] = len(done)
         log.warning("%s: set aside %s record %s (see %s): %s", run_dir.name, record.kind, record.fields[:1], REJECTED, reason)
         try:
-            gateway.set_tags(run_id, {"mlops.rejected_records": str(count)})
+            gateway.set_tags(run_id, {"mlops.rejected_records": str(state["rejected"])})
         except Rejected:
             pass
 
