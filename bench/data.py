@@ -26,18 +26,21 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 # No root handler: DVC logs through its own (set up when dvc is imported), and a root one would
 # print each of its hints twice. Python's last-resort handler still shows warnings on stderr.
 warnings.filterwarnings("ignore")
+
+from _common import Logger, fmt, goal_met, interleave, median  # noqa: E402
+
+log = Logger('data')
 
 GOALS = {
     "add_mb_per_s": ">=500",
@@ -54,13 +57,8 @@ FOLDER = "files"
 # -- small helpers ----------------------------------------------------------------------------------
 
 
-def log(msg: str) -> None:
-    """Progress goes to stderr, so stdout holds only the table and the JSON line."""
-    print(f"[bench data {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 @contextlib.contextmanager
@@ -116,19 +114,6 @@ def recorded_md5(dvcfile: Path) -> str:
     return str(yaml.safe_load(dvcfile.read_text())["outs"][0]["md5"])
 
 
-def interleave(rounds: int, contenders: list[tuple[str, Callable[[], float]]],
-               warmup: list[Callable[[], Any]] | None = None) -> dict[str, list[float]]:
-    """Warm-up calls first (untimed), then ``rounds`` rounds A B ...; odd rounds run in reverse order."""
-    for fn in warmup or []:
-        fn()
-    results: dict[str, list[float]] = {name: [] for name, _ in contenders}
-    for r in range(rounds):
-        order = contenders if r % 2 == 0 else list(reversed(contenders))
-        for name, fn in order:
-            value = fn()
-            results[name].append(value)
-            log(f"  round {r + 1}/{rounds} {name}: {value:.3f} s")
-    return results
 
 
 # -- the project --------------------------------------------------------------------------------------
@@ -336,7 +321,7 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
     if p["copy_ceiling"]:
         contenders.append(("copy", lambda: project.copy_big(size)))
         warmup.append(lambda: project.copy_big(warm))
-    res = interleave(p["add_rounds"], contenders, warmup=warmup)
+    res = interleave(log, p["add_rounds"], contenders, warmup=warmup)
     md5_s = project.md5_s[len(warmup):]  # the warm-up's files may be another size
     m["add_s"] = median(res["ours"])
     m["dvc_add_s"] = median(res["dvc_add"])
@@ -352,7 +337,7 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
     m["folder_first_add_s"] = project.make_folder(p["folders"], p["per_folder"])
     log(f"  first data.add of {n:,} files: {m['folder_first_add_s']:.1f} s; committed")
     log(f"unchanged check: {p['check_rounds']} x (dvc status, data.version, data.use) after a warm-up")
-    res = interleave(p["check_rounds"], [
+    res = interleave(log, p["check_rounds"], [
         ("dvc_status", project.status_dvc),
         ("version", project.version_ours),
         ("use", project.use_ours),
@@ -363,7 +348,7 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
 
     # 3. re-adding the unchanged folder ----------------------------------------------------------
     log(f"re-add the unchanged folder: {p['readd_rounds']} x (dvc add, data.add) after a warm-up")
-    res = interleave(p["readd_rounds"], [
+    res = interleave(log, p["readd_rounds"], [
         ("dvc_add", project.readd_dvc),
         ("ours", project.readd_ours),
     ], warmup=[project.readd_dvc, project.readd_ours])
@@ -372,22 +357,8 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
     return m
 
 
-def fmt(value: float | None, unit: str) -> str:
-    if value is None or value != value:
-        return "-"
-    if unit == "s":
-        return f"{value:.3f} s"
-    if unit == "MB/s":
-        return f"{value:,.0f} MB/s"
-    return f"{value:g}"
 
 
-def goal_met(value: float | None, goal: str) -> str:
-    if value is None or value != value:
-        return ""
-    target = float(goal[2:])
-    ok = value <= target if goal.startswith("<=") else value >= target
-    return "yes" if ok else "NO"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import time
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # MLflow's INFO lines (migrations, run links) stay off stdout; the flusher and server log to files.
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -43,6 +42,10 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 warnings.filterwarnings("ignore")
+
+from _common import Logger, fmt, goal_met, interleave, median  # noqa: E402
+
+log = Logger('tracking')
 
 GOALS = {
     "caller_us_per_metric": "<=5",
@@ -59,13 +62,8 @@ KEY = "loss"
 # -- small helpers ----------------------------------------------------------------------------------
 
 
-def log(msg: str) -> None:
-    """Progress goes to stderr, so stdout holds only the table and the JSON line."""
-    print(f"[bench tracking {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def free_port() -> int:
@@ -322,20 +320,6 @@ def anchor_async_caller(store: Store, n: int) -> float:
     return dt / n * 1e6
 
 
-def interleave(rounds: int, contenders: list[tuple[str, Callable[[], Any]]],
-               warmup: list[Callable[[], Any]] | None = None) -> dict[str, list[Any]]:
-    """Warm-up calls first (untimed), then ``rounds`` rounds A B ...; odd rounds run in reverse order."""
-    for fn in warmup or []:
-        fn()
-    results: dict[str, list[Any]] = {name: [] for name, _ in contenders}
-    for r in range(rounds):
-        order = contenders if r % 2 == 0 else list(reversed(contenders))
-        for name, fn in order:
-            value = fn()
-            results[name].append(value)
-            shown = ", ".join(f"{v:,.3f}" for v in value) if isinstance(value, tuple) else f"{value:,.2f}"
-            log(f"  round {r + 1}/{rounds} {name}: {shown}")
-    return results
 
 
 # -- kernels ------------------------------------------------------------------------------------------
@@ -433,24 +417,8 @@ def stop_flusher(spool_dir: Path, *, wait_for_start: float = 0.0, sig: int = sig
 # -- report -------------------------------------------------------------------------------------------
 
 
-def fmt(value: float | None, unit: str) -> str:
-    if value is None or value != value:
-        return "-"
-    if unit == "us":
-        return f"{value:,.2f} us" if value < 100 else f"{value:,.0f} us"
-    if unit == "s":
-        return f"{value:.3f} s"
-    if unit == "MiB":
-        return f"{value:.1f} MiB"
-    return f"{value:g}"
 
 
-def goal_met(value: float | None, goal: str) -> str:
-    if value is None or value != value:
-        return ""
-    target = float(goal[2:])
-    ok = value <= target if goal.startswith("<=") else value >= target
-    return "yes" if ok else "NO"
 
 
 QUICK = dict(caller_n=20_000, async_n=0, caller_rounds=3, e2e_n=2_000, sync_n=50,
@@ -486,7 +454,7 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
         contenders = [("ours", lambda: ours_caller(local, p["caller_n"]))]
         if p["async_n"]:
             contenders.insert(0, ("mlflow_async", lambda: anchor_async_caller(local, p["async_n"])))
-        caller = interleave(p["caller_rounds"], contenders)
+        caller = interleave(log, p["caller_rounds"], contenders)
         m["caller_us_per_metric"] = median(caller["ours"])
         if p["async_n"]:
             m["caller_mlflow_async_us_per_metric"] = median(caller["mlflow_async"])
@@ -500,7 +468,7 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
             else:
                 store = local
             log(f"end to end, {label}: {p['e2e_n']:,} metrics (ours, log_batch), {p['sync_n']} (sync) x {rounds}")
-            res = interleave(rounds, [
+            res = interleave(log, rounds, [
                 ("mlflow_sync", lambda: anchor_sync(store, p["sync_n"])),
                 ("ours", lambda: ours_e2e(store, p["e2e_n"])),
                 ("log_batch", lambda: anchor_log_batch(store, p["e2e_n"])),
@@ -519,7 +487,7 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
         # The SQLite store's schema exists already: the anchor kernel pays no migrations.
         kernels = Kernels(tmp, local.uri)
         log(f"fresh kernels: {p['kernel_rounds']} x (ours, mlflow)" + (", after a warm-up pair" if p["kernel_warmup"] else ""))
-        res = interleave(p["kernel_rounds"], [("ours", kernels.ours), ("mlflow", kernels.mlflow)],
+        res = interleave(log, p["kernel_rounds"], [("ours", kernels.ours), ("mlflow", kernels.mlflow)],
                          warmup=[kernels.ours, kernels.mlflow] if p["kernel_warmup"] else None)
         m["track_startup_s"] = median([t for t, _ in res["ours"]])
         m["track_rss_mib"] = median([r for _, r in res["ours"]])
