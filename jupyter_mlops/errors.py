@@ -22,6 +22,7 @@ __all__ = [
     "NotTrackedError",
     "UnknownRevisionError",
     "RemoteError",
+    "PipelineSpecError",
 ]
 
 
@@ -138,3 +139,13 @@ class UnknownRevisionError(DataError):
 
 class RemoteError(DataError):
     """The DVC remote cannot be reached or written."""
+
+
+class PipelineSpecError(MlopsError):
+    """A pipeline.yaml that cannot run: says the file, the line and the fix."""
+
+    def __init__(self, file: str, line: int | None, message: str) -> None:
+        self.file = file
+        self.line = line
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {message}")

@@ -1,0 +1,71 @@
+"""The step graph: edges from ``needs`` and from outputs to inputs; order, cycles, closures."""
+
+from __future__ import annotations
+
+from graphlib import CycleError, TopologicalSorter
+
+from ..errors import PipelineSpecError
+from .spec import PipelineSpec
+
+__all__ = ["Dag", "build_dag"]
+
+
+def _feeds(output: str, input_: str) -> bool:
+    """An output feeds an input that is the same path or lies inside it (a folder output)."""
+    out, inp = output.rstrip("/"), input_.rstrip("/")
+    return inp == out or inp.startswith(out + "/")
+
+
+class Dag:
+    def __init__(self, spec: PipelineSpec, parents: dict[str, set[str]]) -> None:
+        self.spec = spec
+        self.parents = parents
+        self.children: dict[str, set[str]] = {name: set() for name in parents}
+        for child, ps in parents.items():
+            for parent in ps:
+                self.children[parent].add(child)
+
+    def order(self) -> list[str]:
+        """Steps in an order where every step comes after what it needs (stable: file order)."""
+        sorter = TopologicalSorter({name: sorted(ps) for name, ps in self.parents.items()})
+        return list(sorter.static_order())
+
+    def downstream(self, names: set[str]) -> set[str]:
+        """``names`` and everything that depends on them."""
+        found, todo = set(names), list(names)
+        while todo:
+            for child in self.children[todo.pop()]:
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+        return found
+
+    def upstream(self, names: set[str]) -> set[str]:
+        """``names`` and everything they depend on."""
+        found, todo = set(names), list(names)
+        while todo:
+            for parent in self.parents[todo.pop()]:
+                if parent not in found:
+                    found.add(parent)
+                    todo.append(parent)
+        return found
+
+
+def build_dag(spec: PipelineSpec) -> Dag:
+    """The graph of ``spec``; raises :class:`PipelineSpecError` naming a cycle and where it starts."""
+    parents: dict[str, set[str]] = {name: set() for name in spec.steps}
+    for name, step in spec.steps.items():
+        for need in step.needs:
+            parents[name].update(spec.step_names(need) or [need])
+        for other_name, other in spec.steps.items():
+            if other_name != name and any(_feeds(o, i) for o in other.outputs for i in step.inputs):
+                parents[name].add(other_name)
+    try:
+        TopologicalSorter({n: sorted(p) for n, p in parents.items()}).prepare()
+    except CycleError as e:
+        cycle = e.args[1]
+        first = spec.steps[cycle[0]]
+        raise PipelineSpecError(str(spec.file), first.line,
+                                f"steps form a cycle: {' -> '.join(cycle)}; remove one of these needs or "
+                                "input/output links") from None
+    return Dag(spec, parents)

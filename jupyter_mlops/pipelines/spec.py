@@ -1,0 +1,358 @@
+"""``pipeline.yaml``: what it may say, and the checks that make a bad one fail before anything runs.
+
+```yaml
+name: iris                      # optional; default: the file's folder name
+parameters: {seed: 0}           # pipeline parameters: reach every step whose notebook declares them
+schedule: "0 3 * * 1"           # optional cron
+workers: 2                      # steps run at once (default 2)
+steps:
+  features:
+    notebook: features.ipynb    # relative to this file
+    parameters: {test_size: 0.3}
+    outputs: [data/train.csv]
+  train:
+    notebook: train.ipynb
+    matrix: {model: [random_forest, gradient_boosting]}   # one step per value: train[model=...]
+    inputs: [data/train.csv]
+    outputs: ["models/{model}.pkl"]                         # {name} takes the matrix value
+    retries: 1
+    timeout: 600                # seconds
+```
+A parameter's value, from weakest to strongest: the notebook's ``parameters`` cell, the pipeline's
+``parameters``, the step's ``parameters``, the matrix value, then ``-p name=value`` on the command
+line (``-p step.name=value`` for one step). Every name must be one the notebook's parameters cell
+declares, with a value of the same kind as its default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import PipelineSpecError
+
+__all__ = ["PipelineSpec", "StepSpec", "load_pipeline"]
+
+PIPELINE_KEYS = {"name", "parameters", "schedule", "workers", "steps"}
+STEP_KEYS = {"notebook", "parameters", "inputs", "outputs", "needs", "environment", "profile",
+             "retries", "timeout", "matrix"}
+
+
+@dataclass
+class StepSpec:
+    name: str  # "train[model=rf]" for a matrix expansion
+    base: str  # "train"
+    notebook: Path
+    parameters: dict[str, Any]
+    inputs: list[str]
+    outputs: list[str]
+    needs: list[str]  # base names, as written
+    environment: str | None = None
+    profile: str | None = None
+    retries: int = 0
+    timeout: float | None = None
+    line: int | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # the notebook's parameters cell
+
+
+@dataclass
+class PipelineSpec:
+    file: Path
+    name: str
+    parameters: dict[str, Any]
+    schedule: str | None
+    workers: int
+    steps: dict[str, StepSpec]
+
+    def step_names(self, base: str) -> list[str]:
+        return [name for name, step in self.steps.items() if step.base == base]
+
+
+# -- YAML with line numbers ---------------------------------------------------------------------------
+
+
+class _Node:
+    """A YAML value with the line it starts on (1-based)."""
+
+    def __init__(self, value: Any, line: int) -> None:
+        self.value = value
+        self.line = line
+        self.key_line = line  # for a mapping's value: the line of its key (a step's name)
+
+
+def _compose(text: str, file: str) -> Any:
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        raise PipelineSpecError(file, mark.line + 1 if mark else None,
+                                f"not valid YAML ({problem}); check the indentation and quoting there") from e
+    if node is None:
+        raise PipelineSpecError(file, None, "the file is empty; a pipeline needs at least `steps:`")
+    return _convert(node, file)
+
+
+def _convert(node: Any, file: str) -> _Node:
+    import yaml
+
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, _Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in out:
+                raise PipelineSpecError(file, key_node.start_mark.line + 1,
+                                        f"{key!r} appears twice in the same mapping; keep one")
+            out[key] = _convert(value_node, file)
+            out[key].key_line = key_node.start_mark.line + 1
+        return _Node(out, line)
+    if isinstance(node, yaml.SequenceNode):
+        return _Node([_convert(v, file) for v in node.value], line)
+    constructor = yaml.SafeLoader.construct_scalar
+    loader = yaml.SafeLoader("")
+    try:
+        value = loader.construct_object(node, deep=True)
+    except yaml.YAMLError:
+        value = constructor(loader, node)
+    return _Node(value, line)
+
+
+def _plain(node: _Node) -> Any:
+    if isinstance(node.value, dict):
+        return {k: _plain(v) for k, v in node.value.items()}
+    if isinstance(node.value, list):
+        return [_plain(v) for v in node.value]
+    return node.value
+
+
+# -- checks -------------------------------------------------------------------------------------------
+
+
+def _unknown_keys(mapping: dict[str, _Node], known: set[str], where: str, file: str) -> None:
+    for key, value in mapping.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+            raise PipelineSpecError(file, value.line, f"{where}: unknown key {key!r}; {hint}")
+
+
+def _expect(node: _Node, kinds: tuple[type, ...], what: str, file: str) -> Any:
+    value = node.value
+    if isinstance(value, bool) and bool not in kinds:
+        value = None
+    if not isinstance(value, kinds):
+        names = " or ".join(k.__name__.replace("dict", "mapping").replace("str", "text") for k in kinds)
+        raise PipelineSpecError(file, node.line, f"{what} must be {names}, not {_kind(node.value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "a number",
+            float: "a number", type(None): "empty"}.get(type(value), type(value).__name__)
+
+
+def _paths(node: _Node | None, what: str, file: str) -> list[str]:
+    if node is None:
+        return []
+    if isinstance(node.value, str):
+        return [node.value]
+    items = _expect(node, (list,), what, file)
+    return [str(_expect(item, (str,), what, file)) for item in items]
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)) and isinstance(value, (int, float)):
+        return not (isinstance(default, int) and isinstance(value, float) and not value.is_integer())
+    return type(default) is type(value) or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)))
+
+
+def _notebook_defaults(path: Path, file: str, line: int) -> dict[str, Any]:
+    """The notebook's parameters cell as Python values (literals only)."""
+    import ast
+
+    import nbformat
+
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception as e:  # nbformat raises several kinds for a damaged file
+        raise PipelineSpecError(file, line, f"notebook {path} cannot be read ({type(e).__name__}); is it a .ipynb file?") from e
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            values: dict[str, Any] = {}
+            for node in ast.parse(cell.source).body:
+                target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+                value = getattr(node, "value", None)
+                if isinstance(target, ast.Name) and value is not None:
+                    try:
+                        values[target.id] = ast.literal_eval(value)
+                    except (ValueError, TypeError, SyntaxError):
+                        values[target.id] = None  # not a literal: any kind accepted
+            return values
+    return {}
+
+
+def _check_parameters(step: StepSpec, given: Mapping[str, Any], source: str, file: str, line: int | None) -> None:
+    defaults = step.defaults
+    for name, value in given.items():
+        if name not in defaults:
+            declared = ", ".join(sorted(defaults)) or "none (tag a cell 'parameters')"
+            raise PipelineSpecError(file, line, f"step {step.name}: {source} parameter {name!r} is not in "
+                                    f"{step.notebook.name}'s parameters cell (it declares: {declared})")
+        if not _same_kind(defaults[name], value):
+            raise PipelineSpecError(file, line, f"step {step.name}: {source} parameter {name!r} is "
+                                    f"{_kind(value)} ({value!r}), but its default is {_kind(defaults[name])} "
+                                    f"({defaults[name]!r})")
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineSpec:
+    """Read and check a pipeline file; ``overrides`` are ``-p`` values (``name`` or ``step.name``).
+
+    Raises :class:`PipelineSpecError` naming the file, the line and the fix.
+    """
+    file = Path(path)
+    shown = str(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineSpecError(shown, None, "no such file; check the path") from None
+    except OSError as e:
+        raise PipelineSpecError(shown, None, f"cannot be read ({e.strerror})") from e
+    root = _compose(text, shown)
+    top = _expect(root, (dict,), "the pipeline", shown)
+    _unknown_keys(top, PIPELINE_KEYS, "pipeline", shown)
+    if "steps" not in top:
+        raise PipelineSpecError(shown, root.line, "no `steps:`; a pipeline needs at least one step")
+    steps_node = top["steps"]
+    steps = _expect(steps_node, (dict,), "steps", shown)
+    if not steps:
+        raise PipelineSpecError(shown, steps_node.line, "`steps:` is empty; add at least one step")
+    pipeline_params = _plain(top["parameters"]) if "parameters" in top else {}
+    if not isinstance(pipeline_params, dict):
+        raise PipelineSpecError(shown, top["parameters"].line, "parameters must be a mapping of name: value")
+    workers = _expect(top["workers"], (int,), "workers", shown) if "workers" in top else 2
+    if workers < 1:
+        raise PipelineSpecError(shown, top["workers"].line, "workers must be at least 1")
+    schedule = _expect(top["schedule"], (str,), "schedule", shown) if "schedule" in top else None
+    overrides = dict(overrides or {})
+    spec = PipelineSpec(file.resolve(), str(_plain(top["name"])) if "name" in top else file.resolve().parent.name,
+                        pipeline_params, schedule, workers, {})
+    for base, node in steps.items():
+        for step in _expand(base, node, file, shown):
+            spec.steps[step.name] = step
+    _resolve_parameters(spec, overrides, shown, top)
+    _check_outputs(spec, shown)
+    _check_needs(spec, shown)
+    return spec
+
+
+def _expand(base: str, node: _Node, file: Path, shown: str) -> list[StepSpec]:
+    body = _expect(node, (dict,), f"step {base}", shown)
+    line = node.key_line
+    _unknown_keys(body, STEP_KEYS, f"step {base}", shown)
+    if "notebook" not in body:
+        raise PipelineSpecError(shown, line, f"step {base}: no `notebook:`; name the .ipynb it runs")
+    notebook = (file.parent / _expect(body["notebook"], (str,), f"step {base}: notebook", shown)).resolve()
+    if not notebook.is_file():
+        raise PipelineSpecError(shown, body["notebook"].line, f"step {base}: notebook {notebook} does not exist")
+    params = _plain(body["parameters"]) if "parameters" in body else {}
+    if not isinstance(params, dict):
+        raise PipelineSpecError(shown, body["parameters"].line, f"step {base}: parameters must be a mapping")
+    retries = _expect(body["retries"], (int,), f"step {base}: retries", shown) if "retries" in body else 0
+    timeout = _expect(body["timeout"], (int, float), f"step {base}: timeout (seconds)", shown) if "timeout" in body else None
+    if retries < 0 or (timeout is not None and timeout <= 0):
+        raise PipelineSpecError(shown, line, f"step {base}: retries must be >= 0 and timeout > 0")
+    matrix: dict[str, list[Any]] = {}
+    if "matrix" in body:
+        for key, values in _expect(body["matrix"], (dict,), f"step {base}: matrix", shown).items():
+            items = _expect(values, (list,), f"step {base}: matrix {key}", shown)
+            if not items:
+                raise PipelineSpecError(shown, values.line, f"step {base}: matrix {key} has no values")
+            matrix[key] = [_plain(v) for v in items]
+    defaults = _notebook_defaults(notebook, shown, body["notebook"].line)
+    combos = [dict(zip(matrix, values)) for values in itertools.product(*matrix.values())] or [{}]
+    steps = []
+    for combo in combos:
+        suffix = ",".join(f"{k}={v}" for k, v in combo.items())
+        name = f"{base}[{suffix}]" if suffix else base
+
+        def fill(text: str, combo: dict[str, Any] = combo) -> str:
+            try:
+                return text.format(**combo)
+            except (KeyError, IndexError) as e:
+                raise PipelineSpecError(shown, line, f"step {base}: {text!r} uses {e} which is not a matrix key") from None
+
+        step = StepSpec(
+            name=name, base=base, notebook=notebook, parameters={**params, **combo},
+            inputs=[fill(p) for p in _paths(body.get("inputs"), f"step {base}: inputs", shown)],
+            outputs=[fill(p) for p in _paths(body.get("outputs"), f"step {base}: outputs", shown)],
+            needs=_paths(body.get("needs"), f"step {base}: needs", shown),
+            environment=_plain(body["environment"]) if "environment" in body else None,
+            profile=_plain(body["profile"]) if "profile" in body else None,
+            retries=retries, timeout=float(timeout) if timeout is not None else None,
+            line=line, defaults=defaults,
+        )
+        _check_parameters(step, params, "its", shown, body["parameters"].line if "parameters" in body else line)
+        _check_parameters(step, combo, "matrix", shown, body["matrix"].line if "matrix" in body else line)
+        steps.append(step)
+    return steps
+
+
+def _resolve_parameters(spec: PipelineSpec, overrides: dict[str, Any], shown: str, top: dict[str, _Node]) -> None:
+    for name in overrides:
+        step_part, _, param = name.rpartition(".")
+        if step_part and not spec.step_names(step_part) and step_part not in spec.steps:
+            raise PipelineSpecError(shown, None, f"-p {name}: no step {step_part!r} (steps: {', '.join(sorted({s.base for s in spec.steps.values()}))})")
+        declared = any(param in s.defaults for s in spec.steps.values())
+        if not declared:
+            raise PipelineSpecError(shown, None, f"-p {name}: no step's notebook declares {param!r} in its parameters cell")
+    for step in spec.steps.values():
+        from_pipeline = {k: v for k, v in spec.parameters.items() if k in step.defaults}
+        _check_parameters(step, from_pipeline, "pipeline", shown, top["parameters"].line if "parameters" in top else None)
+        from_cli = {}
+        for name, value in overrides.items():
+            step_part, _, param = name.rpartition(".")
+            if param in step.defaults and step_part in ("", step.base, step.name):
+                from_cli[param] = value
+        _check_parameters(step, from_cli, "-p", shown, None)
+        step.parameters = {**step.defaults, **from_pipeline, **step.parameters, **from_cli}
+    unused = [k for k in spec.parameters if not any(k in s.defaults for s in spec.steps.values())]
+    if unused:
+        raise PipelineSpecError(shown, top["parameters"].line, f"pipeline parameter {unused[0]!r} is declared by no step's notebook")
+
+
+def _check_outputs(spec: PipelineSpec, shown: str) -> None:
+    writers: dict[str, str] = {}
+    for step in spec.steps.values():
+        for out in step.outputs:
+            if out in writers:
+                raise PipelineSpecError(shown, step.line, f"steps {writers[out]} and {step.name} both write {out!r}; "
+                                        "each output needs one producer (use a matrix key in the path)")
+            writers[out] = step.name
+
+
+def _check_needs(spec: PipelineSpec, shown: str) -> None:
+    bases = {s.base for s in spec.steps.values()}
+    for step in spec.steps.values():
+        for need in step.needs:
+            if need not in bases and need not in spec.steps:
+                raise PipelineSpecError(shown, step.line, f"step {step.name} needs {need!r}, which is no step here "
+                                        f"(steps: {', '.join(sorted(bases))})")
+
+
+def canonical(value: Any) -> str:
+    """Parameters as canonical JSON (cache keys, run params)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
