@@ -57,10 +57,6 @@ FOLDER = "files"
 # -- small helpers ----------------------------------------------------------------------------------
 
 
-
-
-
-
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """DVC's in-process hints ("To track the changes with git, run: ...") go to the stdout it
@@ -112,8 +108,6 @@ def recorded_md5(dvcfile: Path) -> str:
     import yaml
 
     return str(yaml.safe_load(dvcfile.read_text())["outs"][0]["md5"])
-
-
 
 
 # -- the project --------------------------------------------------------------------------------------
@@ -355,10 +349,6 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
     m["readd_s"] = median(res["ours"])
     m["dvc_readd_s"] = median(res["dvc_add"])
     return m
-
-
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

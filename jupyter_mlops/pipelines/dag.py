@@ -32,23 +32,21 @@ class Dag:
 
     def downstream(self, names: set[str]) -> set[str]:
         """``names`` and everything that depends on them."""
-        found, todo = set(names), list(names)
-        while todo:
-            for child in self.children[todo.pop()]:
-                if child not in found:
-                    found.add(child)
-                    todo.append(child)
-        return found
+        return _closure(names, self.children)
 
     def upstream(self, names: set[str]) -> set[str]:
         """``names`` and everything they depend on."""
-        found, todo = set(names), list(names)
-        while todo:
-            for parent in self.parents[todo.pop()]:
-                if parent not in found:
-                    found.add(parent)
-                    todo.append(parent)
-        return found
+        return _closure(names, self.parents)
+
+
+def _closure(names: set[str], edges: dict[str, set[str]]) -> set[str]:
+    found, todo = set(names), list(names)
+    while todo:
+        for nxt in edges[todo.pop()]:
+            if nxt not in found:
+                found.add(nxt)
+                todo.append(nxt)
+    return found
 
 
 def build_dag(spec: PipelineSpec) -> Dag:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -96,10 +95,10 @@ def _compose(text: str, file: str) -> Any:
                                 f"not valid YAML ({problem}); check the indentation and quoting there") from e
     if node is None:
         raise PipelineSpecError(file, None, "the file is empty; a pipeline needs at least `steps:`")
-    return _convert(node, file)
+    return _convert(node, file, yaml.SafeLoader(""))
 
 
-def _convert(node: Any, file: str) -> _Node:
+def _convert(node: Any, file: str, loader: Any) -> _Node:
     import yaml
 
     line = node.start_mark.line + 1
@@ -110,18 +109,12 @@ def _convert(node: Any, file: str) -> _Node:
             if key in out:
                 raise PipelineSpecError(file, key_node.start_mark.line + 1,
                                         f"{key!r} appears twice in the same mapping; keep one")
-            out[key] = _convert(value_node, file)
+            out[key] = _convert(value_node, file, loader)
             out[key].key_line = key_node.start_mark.line + 1
         return _Node(out, line)
     if isinstance(node, yaml.SequenceNode):
-        return _Node([_convert(v, file) for v in node.value], line)
-    constructor = yaml.SafeLoader.construct_scalar
-    loader = yaml.SafeLoader("")
-    try:
-        value = loader.construct_object(node, deep=True)
-    except yaml.YAMLError:
-        value = constructor(loader, node)
-    return _Node(value, line)
+        return _Node([_convert(v, file, loader) for v in node.value], line)
+    return _Node(loader.construct_object(node, deep=True), line)
 
 
 def _plain(node: _Node) -> Any:
@@ -352,7 +345,3 @@ def _check_needs(spec: PipelineSpec, shown: str) -> None:
                 raise PipelineSpecError(shown, step.line, f"step {step.name} needs {need!r}, which is no step here "
                                         f"(steps: {', '.join(sorted(bases))})")
 
-
-def canonical(value: Any) -> str:
-    """Parameters as canonical JSON (cache keys, run params)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

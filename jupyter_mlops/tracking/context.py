@@ -174,12 +174,16 @@ def _git_context(folder: Path, notebook: Path | None) -> dict[str, str]:
     head = _git(["rev-parse", "HEAD", "--abbrev-ref", "HEAD", "--show-toplevel"], folder)
     status = _git(["status", "--porcelain", "-z", "--untracked-files=no"], folder)
     remote = _git(["config", "--get", "remote.origin.url"], folder)
+    tracked = _git(["ls-files", "--error-unmatch", "--", str(notebook)], folder) if notebook is not None else None
     tags: dict[str, str] = {}
     if head is None:
         return tags
     out, _ = head.communicate()
     status_out = status.communicate()[0] if status else ""
     remote_out = remote.communicate()[0].strip() if remote else ""
+    if tracked is not None:
+        tracked.communicate()
+    untracked = tracked is not None and tracked.returncode != 0
     if head.returncode != 0:
         return tags
     lines = out.split()
@@ -193,20 +197,12 @@ def _git_context(folder: Path, notebook: Path | None) -> dict[str, str]:
         if notebook is not None:
             try:
                 rel = notebook.resolve().relative_to(Path(top).resolve()).as_posix()
-                tags["mlops.notebook.dirty"] = str(rel in changed or _untracked(folder, rel)).lower()
+                tags["mlops.notebook.dirty"] = str(rel in changed or untracked).lower()
             except ValueError:
                 pass
     if remote_out:
         tags["mlflow.source.git.repoURL"] = remote_out
     return tags
-
-
-def _untracked(folder: Path, rel: str) -> bool:
-    proc = subprocess.run(
-        ["git", "ls-files", "--error-unmatch", "--", rel],
-        cwd=folder, capture_output=True, text=True, check=False,
-    )
-    return proc.returncode != 0
 
 
 def _memory_bytes() -> int | None:
