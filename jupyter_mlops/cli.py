@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
     p.set_defaults(func=_cmd_ui)
+
+    from .schedule_cli import add_schedule_commands
+
+    add_schedule_commands(sub)
     return parser
 
 

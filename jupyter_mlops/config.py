@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from traitlets import Bool, Float, Unicode, default
+from traitlets import Bool, Float, Integer, Unicode, default
 from traitlets.config import Config, Configurable
 
 from .errors import ConfigError
@@ -28,6 +28,8 @@ ENV_OVERRIDES = {
     "experiment_name": ("MLOPS_EXPERIMENT", "MLFLOW_EXPERIMENT_NAME"),
     "spool_dir": ("MLOPS_SPOOL_DIR",),
     "artifact_root": ("MLOPS_ARTIFACT_ROOT",),
+    "pipeline_state_url": ("MLOPS_PIPELINE_STATE_URL",),
+    "pipeline_webhook_url": ("MLOPS_PIPELINE_WEBHOOK_URL",),
 }
 
 CONFIG_FILE_NAMES = ("jupyter_mlops_config", "jupyter_server_config")
@@ -109,6 +111,24 @@ class MlopsConfig(Configurable):
         help="Python interpreter that runs the uploader (it needs mlflow). Default: this one.",
     ).tag(config=True)
 
+    pipeline_state_url = Unicode(
+        "",
+        help="Database of pipeline runs, step cache and schedules. Empty: sqlite:///<project>/.mlops/"
+        "pipelines.db. postgresql://USER@HOST/DB to share it between replicas (needs the postgres "
+        "extra). Env: MLOPS_PIPELINE_STATE_URL.",
+    ).tag(config=True)
+
+    pipeline_webhook_url = Unicode(
+        "",
+        help="URL that gets a JSON POST when a pipeline run fails (best effort: a webhook that does "
+        "not answer never fails the pipeline). Env: MLOPS_PIPELINE_WEBHOOK_URL.",
+    ).tag(config=True)
+
+    pipeline_workers = Integer(
+        0,
+        help="Steps of one pipeline run at once; 0: the pipeline's own `workers:` (default 2).",
+    ).tag(config=True)
+
     @default("flusher_python")
     def _default_flusher_python(self) -> str:
         import sys
@@ -154,6 +174,12 @@ class MlopsConfig(Configurable):
     @property
     def resolved_spool_dir(self) -> Path:
         return Path(self.spool_dir).resolve() if self.spool_dir else self.embedded_dir / "spool"
+
+    @property
+    def resolved_pipeline_state_url(self) -> str:
+        if not self.pipeline_state_url:
+            return "sqlite:///" + str(self.embedded_dir / "pipelines.db")
+        return _absolute_db_path(self.pipeline_state_url)
 
     def experiment_for(self, notebook: str | None) -> str:
         import getpass
