@@ -21,19 +21,22 @@ _projects: dict[Path, DvcProject] = {}
 _told_no_run = False
 
 
-def _project() -> DvcProject:
-    found = DvcProject.find(Path.cwd())
+def _project(start: Path | None = None) -> DvcProject:
+    found = DvcProject.find(start or Path.cwd())
     return _projects.setdefault(found.root, found)
 
 
-def version(path: str | os.PathLike[str], rev: str | None = None) -> DataVersion:
+def version(path: str | os.PathLike[str], rev: str | None = None, *, start: Path | None = None,
+            with_commit: bool = True) -> DataVersion:
     """The version of ``path`` in the workspace (or at git revision ``rev``), without recording it.
 
     In the workspace, an unchanged path costs a stat walk (no hashing, no dvc import); a changed
     one is hashed again. Raises :class:`DataError` subclasses for a path outside the project, a
-    missing path, an unknown revision or a path DVC does not track.
+    missing path, an unknown revision or a path DVC does not track. ``start``: a folder inside
+    the project (default: the current one). ``with_commit=False`` leaves ``rev`` unset and saves
+    the two git calls that find it (a cache check needs the md5 only).
     """
-    project = _project()
+    project = _project(start)
     rel = project.rel(path)
     if rev:
         return project.version_at(rel, rev)
@@ -46,7 +49,7 @@ def version(path: str | os.PathLike[str], rev: str | None = None) -> DataVersion
         raise DataError(f"{target} does not exist (pull it with `%mlops data pull {target}`)", path=target)
     current_md5, size, nfiles, snap = current
     modified = current_md5 != md5
-    rev_of = None if modified else project.commit_of(dvcfile)
+    rev_of = None if modified or not with_commit else project.commit_of(dvcfile)
     return DataVersion(target, current_md5, size, nfiles, kind, rev_of, modified, snap)
 
 
@@ -88,14 +91,14 @@ def use(path: str | os.PathLike[str], rev: str | None = None) -> Path:
     return local
 
 
-def add(*paths: str | os.PathLike[str]) -> list[DataVersion]:
-    """Version each path with DVC and record it as an output of the active run.
+def add(*paths: str | os.PathLike[str], record: bool = True, start: Path | None = None) -> list[DataVersion]:
+    """Version each path with DVC and record it as an output of the active run (``record``).
 
     Unchanged paths are not hashed again. An interrupted add leaves the previous version intact.
     """
     if not paths:
         raise DataError("name at least one file or folder to version")
-    project = _project()
+    project = _project(start)
     versions = []
     for path in paths:
         rel = project.rel(path)
@@ -119,7 +122,8 @@ def add(*paths: str | os.PathLike[str]) -> list[DataVersion]:
         assert snap is not None
         DataIndex(project.root).put(rel, md5, snap)
         found = DataVersion(rel, md5, size, nfiles, kind, project.commit_of(dvcfile), False, snap.digest)
-        _record(found, "output")
+        if record:
+            _record(found, "output")
         versions.append(found)
     return versions
 

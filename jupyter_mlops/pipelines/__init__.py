@@ -1,5 +1,6 @@
-"""Notebooks as steps: execution through papermill (and, later, the DAG, cache and scheduler)."""
+"""Notebooks as steps: pipeline.yaml (spec), the DAG, the step cache, the runner, schedules.
 
-from .notebook import NotebookResult, run_notebook
-
-__all__ = ["NotebookResult", "run_notebook"]
+Importing this package imports nothing heavy: a no-op pipeline re-run must answer in a fraction of
+a second, so modules are imported where they are used (``from jupyter_mlops.pipelines.runner
+import run_pipeline``).
+"""

@@ -20,7 +20,7 @@ from ..errors import MlopsError
 from ..tracking import flusher
 from ..tracking.ledger import SpooledRun, spooled_runs
 
-__all__ = ["NotebookResult", "NotebookFailed", "run_notebook"]
+__all__ = ["NotebookResult", "NotebookFailed", "run_notebook", "execute_on_kernel"]
 
 
 class NotebookFailed(MlopsError):
@@ -164,3 +164,89 @@ def wait_for_runs(
             flusher.ensure_running(spool_dir, config)
         runs = spooled_runs(spool_dir, invocation)
     return runs
+
+
+# -- on a pooled kernel (pipeline steps) ---------------------------------------------------------
+
+_engine_registered = False
+
+
+def _register_engine() -> None:
+    """papermill engine ``mlops``: nbclient on a kernel we started, with a setup snippet and hooks."""
+    global _engine_registered
+    if _engine_registered:
+        return
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, papermill_engines
+    from papermill.utils import merge_kwargs, remove_args
+
+    class MlopsEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,  # type: ignore[override]
+                                     stderr_file=None, start_timeout=60, execution_timeout=None, **kwargs):
+            setup = kwargs.pop("mlops_setup", None)
+            on_cell = kwargs.pop("mlops_on_cell", None)
+            kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
+            final = merge_kwargs(kwargs, timeout=execution_timeout, startup_timeout=start_timeout,
+                                 kernel_name=kernel_name, log_output=log_output,
+                                 stdout_file=stdout_file, stderr_file=stderr_file)
+            client = PapermillNotebookClient(nb_man, **final)
+            code_cells = [i for i, c in enumerate(nb_man.nb.cells) if c.cell_type == "code"]
+
+            async def notebook_start(notebook: Any) -> None:
+                if setup:
+                    reply = await client.async_wait_for_reply(
+                        client.kc.execute(setup, silent=True, store_history=False))
+                    if reply is None or reply["content"]["status"] != "ok":
+                        content = (reply or {}).get("content", {})
+                        raise MlopsError(f"the step's setup code failed in the kernel: "
+                                         f"{content.get('ename', 'no reply')}: {content.get('evalue', '')}")
+
+            def cell_start(cell: Any, cell_index: int) -> None:
+                if on_cell and cell.cell_type == "code":
+                    on_cell(code_cells.index(cell_index) + 1, len(code_cells))
+
+            client.on_notebook_start = notebook_start
+            client.on_cell_start = cell_start
+            try:
+                return client.execute()
+            finally:
+                kc = client.kc
+                if kc is not None:  # ours to close: the kernel is not (its pool shuts it down)
+                    kc.stop_channels()
+                    if kc._created_context and not kc.context.closed:
+                        kc.context.destroy(linger=0)
+
+    papermill_engines.register("mlops", MlopsEngine)
+    _engine_registered = True
+
+
+def execute_on_kernel(
+    src: Path,
+    out: Path,
+    parameters: Mapping[str, Any],
+    manager: Any,
+    kernel_name: str,
+    *,
+    setup: str | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
+) -> NotebookFailed | None:
+    """Run ``src`` through papermill on an already started kernel (``manager``), writing ``out``.
+
+    ``setup`` is executed silently before the first cell (no trace in the output notebook);
+    ``on_cell(n, m)`` is called as code cell n of m starts. Returns the failure, if a cell raised;
+    the kernel is left running (its owner shuts it down).
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    _register_engine()
+    try:
+        papermill.execute_notebook(
+            str(src), str(out), parameters=dict(parameters), kernel_name=kernel_name, language="python",
+            progress_bar=False, log_output=False, km=manager, engine_name="mlops",
+            mlops_setup=setup, mlops_on_cell=on_cell,
+        )
+    except PapermillExecutionError as e:
+        return NotebookFailed(src, out, e.cell_index + 1, f"{e.ename}: {e.evalue}")
+    return None

@@ -171,19 +171,30 @@ def _same_kind(default: Any, value: Any) -> bool:
 
 
 def _notebook_defaults(path: Path, file: str, line: int) -> dict[str, Any]:
-    """The notebook's parameters cell as Python values (literals only)."""
-    import ast
+    """The notebook's parameters cell as Python values (literals only).
 
-    import nbformat
+    Reads the JSON directly (nbformat costs 0.1 s to import, a third of a no-op re-run).
+    """
+    import ast
+    import json
 
     try:
-        nb = nbformat.read(path, as_version=4)
-    except Exception as e:  # nbformat raises several kinds for a damaged file
+        with open(path, encoding="utf-8") as f:
+            nb = json.load(f)
+        cells = nb["cells"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise PipelineSpecError(file, line, f"notebook {path} cannot be read ({type(e).__name__}); is it a .ipynb file?") from e
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+    for cell in cells:
+        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = cell.get("source", "")
+            source = "".join(source) if isinstance(source, list) else str(source)
             values: dict[str, Any] = {}
-            for node in ast.parse(cell.source).body:
+            try:
+                body = ast.parse(source).body
+            except SyntaxError as e:
+                raise PipelineSpecError(file, line, f"{path.name}: the parameters cell is not valid Python "
+                                        f"(line {e.lineno}: {e.msg})") from None
+            for node in body:
                 target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
                 value = getattr(node, "value", None)
                 if isinstance(target, ast.Name) and value is not None:

@@ -27,6 +27,7 @@ from .spool import DONE_DIR, EVENTS, STATE, SpoolWriter, read_json
 __all__ = [
     "Run",
     "start_run",
+    "create_run",
     "active_run",
     "last_run",
     "end_run",
@@ -240,7 +241,7 @@ class Run:
         status = (status or ("FAILED" if self.last_error else "FINISHED")).upper()
         if status not in RUN_STATUSES:
             raise InvalidValueError("status", status, f"must be one of {', '.join(RUN_STATUSES)}")
-        if log_notebook:
+        if log_notebook and not self.attached:
             notebook = _notebook_with_outputs(self.header.get("notebook"))
             if notebook is not None:
                 try:
@@ -261,6 +262,11 @@ class Run:
         for hook in self._end_hooks:
             hook(status)
         return status
+
+    @property
+    def attached(self) -> bool:
+        """Recording into a run someone else owns (a pipeline step's): its end is theirs."""
+        return bool(self.header.get("attach_spool_id"))
 
     # -- where the run is -------------------------------------------------------------------------
 
@@ -320,7 +326,10 @@ def _notebook_with_outputs(notebook: str | None) -> Path | None:
 
 
 def _new_spool_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
+    """Sortable by creation time to the microsecond: the uploader takes runs oldest first, so a
+    parent made a moment before its child is created in MLflow first."""
+    now = time.time_ns() // 1000
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 1_000_000)) + f"{now % 1_000_000:06d}-" + uuid.uuid4().hex[:12]
 
 
 def start_run(
@@ -337,8 +346,9 @@ def start_run(
 ) -> Run:
     """Start a run and make it the active one. Returns at once: the flusher creates it in MLflow.
 
-    The run nests under ``MLOPS_PARENT_RUN_ID`` when set, or records into the existing run
-    ``MLOPS_RUN_ID`` (a pipeline step's run) instead of creating one.
+    The run nests under ``MLOPS_PARENT_RUN_ID`` when set, or records into an existing run instead
+    of creating one: ``MLOPS_RUN_ID`` (an MLflow run id) or ``MLOPS_ATTACH_SPOOL_ID`` (a run still
+    in the spool: a pipeline step's run, which the runner owns and ends).
     Raises :class:`TrackingError` if a run is already active, :class:`SpoolError` if the spool
     folder cannot be written.
     """
@@ -350,54 +360,86 @@ def start_run(
                 "(%mlops end or jupyter_mlops.tracking.end_run())"
             )
         config = config or load_config()
-        tracking_uri = config.resolved_tracking_uri  # a typo in the URI fails here, not in the uploader
         nb = Path(notebook).resolve() if notebook else notebook_path(user_ns)
-        ctx = capture(nb, history) if capture_context else None
-        all_tags = dict(ctx.tags) if ctx else {}
-        all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-        spool_id = _new_spool_id()
-        all_tags["mlops.spool_id"] = spool_id
-        parent = os.environ.get("MLOPS_PARENT_RUN_ID") or None
-        if parent:
-            all_tags["mlflow.parentRunId"] = parent
-        experiment = experiment or config.experiment_for(str(nb) if nb else None)
-        header = {
-            "version": 1,
-            "spool_id": spool_id,
-            "tracking_uri": tracking_uri,
-            "artifact_root": config.resolved_artifact_root,
-            "experiment": experiment,
-            "run_name": name or (nb.stem if nb else None),
-            "run_id": os.environ.get("MLOPS_RUN_ID") or None,
-            "parent_run_id": parent,
-            "start_time": _now_ms(),
-            "notebook": str(nb) if nb else None,
-            "invocation": os.environ.get("MLOPS_INVOCATION_ID") or None,
-            "pid": os.getpid(),
-            "tags": all_tags,
-        }
-        spool_dir = config.resolved_spool_dir
-        _flusher.prepare_spool_dir(spool_dir, config)
-        for key, value in all_tags.items():
-            _check_key("tag", key, set())
-            _check_text("tag", key, value, MAX_TAG_VAL_LENGTH)
-        writer = SpoolWriter(spool_dir / spool_id, header)
-        run = Run(writer, header, config)
-        try:
-            if ctx:
-                run.log_params(ctx.params)
-                for artifact_dir, file_name, text in ctx.files:
-                    run.log_text(text, artifact_dir, file_name)
-            if params:
-                run.log_params(params)
-        except BaseException:
-            writer.close()  # a run that failed to start leaves nothing to upload
-            shutil.rmtree(writer.run_dir, ignore_errors=True)
-            raise
+        run = create_run(
+            experiment, name, tags=tags, params=params, notebook=nb,
+            context=capture(nb, history) if capture_context else None,
+            parent_run_id=os.environ.get("MLOPS_PARENT_RUN_ID") or None,
+            attach_run_id=os.environ.get("MLOPS_RUN_ID") or None,
+            attach_spool_id=os.environ.get("MLOPS_ATTACH_SPOOL_ID") or None,
+            config=config,
+        )
         _active = run
         if not _atexit_registered:
             atexit.register(_end_at_exit)
             _atexit_registered = True
+    return run
+
+
+def create_run(
+    experiment: str | None = None,
+    name: str | None = None,
+    *,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+    notebook: Path | None = None,
+    context: Any = None,
+    parent_run_id: str | None = None,
+    parent_spool_id: str | None = None,
+    attach_run_id: str | None = None,
+    attach_spool_id: str | None = None,
+    config: MlopsConfig | None = None,
+) -> Run:
+    """A run that is not the process's active one (what a pipeline runner holds several of).
+
+    ``parent_spool_id`` / ``attach_spool_id`` name runs still in the same spool: the uploader
+    resolves them to MLflow run ids, so no caller ever waits for the server. An attached run
+    records into its target and never ends it: the target's owner does.
+    """
+    config = config or load_config()
+    tracking_uri = config.resolved_tracking_uri  # a typo in the URI fails here, not in the uploader
+    all_tags = dict(context.tags) if context else {}
+    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    spool_id = _new_spool_id()
+    all_tags["mlops.spool_id"] = spool_id
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    experiment = experiment or config.experiment_for(str(notebook) if notebook else None)
+    header = {
+        "version": 1,
+        "spool_id": spool_id,
+        "tracking_uri": tracking_uri,
+        "artifact_root": config.resolved_artifact_root,
+        "experiment": experiment,
+        "run_name": name or (notebook.stem if notebook else None),
+        "run_id": attach_run_id,
+        "attach_spool_id": attach_spool_id if not attach_run_id else None,
+        "parent_run_id": parent_run_id,
+        "parent_spool_id": parent_spool_id if not parent_run_id else None,
+        "start_time": _now_ms(),
+        "notebook": str(notebook) if notebook else None,
+        "invocation": os.environ.get("MLOPS_INVOCATION_ID") or None,
+        "pid": os.getpid(),
+        "tags": all_tags,
+    }
+    spool_dir = config.resolved_spool_dir
+    _flusher.prepare_spool_dir(spool_dir, config)
+    for key, value in all_tags.items():
+        _check_key("tag", key, set())
+        _check_text("tag", key, value, MAX_TAG_VAL_LENGTH)
+    writer = SpoolWriter(spool_dir / spool_id, header)
+    run = Run(writer, header, config)
+    try:
+        if context:
+            run.log_params(context.params)
+            for artifact_dir, file_name, text in context.files:
+                run.log_text(text, artifact_dir, file_name)
+        if params:
+            run.log_params(params)
+    except BaseException:
+        writer.close()  # a run that failed to start leaves nothing to upload
+        shutil.rmtree(writer.run_dir, ignore_errors=True)
+        raise
     _flusher.ensure_running(spool_dir, config)
     return run
 

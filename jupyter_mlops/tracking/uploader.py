@@ -243,7 +243,8 @@ class Uploader:
                 gateway.log_dataset(run_id, record.fields[0], json.loads(record.fields[1]))
             elif record.kind == "e":
                 status, end_time = record.fields[0], int(record.fields[1])
-                gateway.terminate(run_id, status, end_time)
+                if not state.get("attached"):
+                    gateway.terminate(run_id, status, end_time)  # an attached run's owner ends it
                 state["ended"] = status
             else:
                 raise ValueError("malformed record")
@@ -253,11 +254,17 @@ class Uploader:
             self._reject(gateway, run_id, run_dir, record, str(e) if record.kind != "?" else "malformed record", state)
 
     def _create_run(self, gateway: MlflowGateway, header: dict[str, Any], state: dict[str, Any], run_dir: Path) -> None:
-        if header.get("run_id"):  # attach to a run someone else created (a pipeline step's)
-            state["run_id"] = header["run_id"]
-            gateway.set_tags(header["run_id"], {k: v for k, v in header["tags"].items() if k != "mlflow.parentRunId"})
+        target = header.get("run_id") or self._spooled_run_id(header.get("attach_spool_id"), gateway)
+        if target:  # attach to a run someone else created (a pipeline step's)
+            state["run_id"] = target
+            state["attached"] = bool(header.get("attach_spool_id"))
+            gateway.set_tags(target, {k: v for k, v in header["tags"].items()
+                                      if k not in ("mlflow.parentRunId", "mlops.spool_id")})
             state["experiment_id"] = None
         else:
+            parent = self._spooled_run_id(header.get("parent_spool_id"), gateway)
+            if parent:
+                header["tags"]["mlflow.parentRunId"] = parent
             exp_id = gateway.experiment_id(header["experiment"])
             # A run created by an uploader that died before noting it (or a lost state.json) is
             # found again by its spool id instead of being created twice.
@@ -269,6 +276,16 @@ class Uploader:
         state["url"] = gateway.run_url(state.get("experiment_id") or "0", state["run_id"])
         atomic_write_json(run_dir / STATE, state)
         log.info("%s: recording into run %s at %s", header["spool_id"], state["run_id"], gateway.uri)
+
+    def _spooled_run_id(self, spool_id: str | None, gateway: MlflowGateway) -> str | None:
+        """The MLflow run id of another run in this spool (uploaded or not yet finished)."""
+        if not spool_id:
+            return None
+        for path in (self.spool_dir / spool_id / STATE, self.spool_dir / DONE_DIR / f"{spool_id}.json"):
+            found = read_json(path)
+            if found and found.get("run_id"):
+                return str(found["run_id"])
+        raise Retryable(gateway.uri, f"waiting for run {spool_id} to be created first")
 
     def _send_batch(self, gateway: MlflowGateway, run_id: str, batch: _Batch, run_dir: Path, state: dict[str, Any]) -> None:
         try:

@@ -1,0 +1,1 @@
+"""Kernels: pools of pre-started kernels (later: provisioners, GPU allocation, kernelspecs)."""

@@ -1,0 +1,299 @@
+"""Kernels started ahead of need, handed out once, never reused.
+
+A :class:`KernelPool` keeps ``size`` kernels of one kernel spec started (with a given working
+folder and environment) in a background thread with its own event loop. :meth:`KernelPool.claim`
+returns a started, ready kernel at once when one is waiting and starts the next in the background;
+:meth:`KernelPool.release` shuts a claimed kernel down: a kernel serves exactly one claim (a step,
+later a user's session), so no state leaks from one to the next.
+
+Readiness is checked with :class:`ReadyKernelClient`, whose ``wait_for_ready`` returns as soon as
+the kernel answered ``kernel_info`` on the shell channel and its iopub messages arrive. jupyter_client's
+own version waits a fixed 0.2 s on iopub per check, the largest part of a pooled step's overhead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Empty
+from typing import Any, Mapping
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+
+from ..errors import MlopsError
+
+__all__ = ["KernelPool", "PooledKernel", "ReadyKernelClient", "KernelStartError"]
+
+log = logging.getLogger("jupyter_mlops.kernels")
+
+
+class KernelStartError(MlopsError):
+    """A kernel could not be started (bad kernel spec, the interpreter failed, a timeout)."""
+
+
+class ReadyKernelClient(AsyncKernelClient):
+    """An async client whose readiness check waits for the kernel, not for a fixed timeout."""
+
+    async def _async_wait_for_ready(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
+        while True:
+            request = self.kernel_info()
+            reply = None
+            while reply is None:
+                try:
+                    msg = await self.shell_channel.get_msg(timeout=0.5)
+                except Empty:
+                    break
+                if msg["parent_header"].get("msg_id") == request and msg["msg_type"] == "kernel_info_reply":
+                    reply = msg
+            if reply is not None:
+                # iopub is connected once the kernel's status messages for our request reach us.
+                # A fresh SUB socket can miss the first ones (zmq's slow joiner): ask again.
+                with contextlib.suppress(Empty):
+                    while True:
+                        msg = await self.iopub_channel.get_msg(timeout=0.02)
+                        if msg["parent_header"].get("msg_id") == request:
+                            self._handle_kernel_info_reply(reply)
+                            await self._drain_iopub()
+                            return
+            if not await self._async_is_alive():
+                raise RuntimeError("Kernel died before replying to kernel_info")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Kernel didn't respond in {timeout} seconds")
+
+    wait_for_ready = _async_wait_for_ready  # AsyncKernelClient binds the base version by name
+
+    async def _drain_iopub(self) -> None:
+        with contextlib.suppress(Empty):
+            while True:
+                await self.iopub_channel.get_msg(timeout=0.005)
+
+
+@dataclass
+class PooledKernel:
+    """A started kernel, claimed by one user of the pool."""
+
+    manager: Any  # jupyter_client AsyncKernelManager
+    kernel_name: str
+    started: float
+    claimed: float = 0.0
+    kernel_id: str = field(default="")
+
+    @property
+    def pid(self) -> int | None:
+        provisioner = getattr(self.manager, "provisioner", None)
+        process = getattr(provisioner, "process", None)
+        return getattr(process, "pid", None)
+
+
+class KernelPool:
+    """``size`` ready kernels of ``kernel_name``, each started in ``cwd`` with ``env`` added."""
+
+    def __init__(
+        self,
+        kernel_name: str = "python3",
+        *,
+        size: int = 1,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.kernel_name = kernel_name
+        self.size = max(0, size)
+        self.cwd = str(Path(cwd).resolve()) if cwd else os.getcwd()
+        self.env = dict(env or {})
+        self.startup_timeout = startup_timeout
+        self._ready: collections.deque[PooledKernel] = collections.deque()
+        self._claimed: set[int] = set()  # id() of claimed, unreleased kernels
+        self._kernels: dict[int, PooledKernel] = {}
+        self._starting = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._releasing: set[Any] = set()  # shutdowns in flight (release_soon)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mlops-kernel-pool", daemon=True)
+        self._thread.start()
+        self._fill()
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def claim(self, timeout: float | None = None) -> PooledKernel:
+        """A started kernel for one use. Starts one now if none is waiting.
+
+        Raises :class:`KernelStartError` when kernels cannot be started.
+        """
+        deadline = time.monotonic() + (timeout if timeout is not None else self.startup_timeout + 5)
+        with self._cond:
+            if self._closed:
+                raise KernelStartError("the kernel pool is closed")
+            if not self._ready and self._starting == 0:
+                self._start_one_locked()
+            while not self._ready:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise KernelStartError(f"kernel {self.kernel_name!r} could not start: {error}") from error
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    raise KernelStartError(f"no kernel {self.kernel_name!r} ready within the timeout")
+                if self._starting == 0:
+                    self._start_one_locked()
+                self._cond.wait(remaining)
+            kernel = self._ready.popleft()
+            kernel.claimed = time.monotonic()
+            self._claimed.add(id(kernel))
+        self._fill()
+        return kernel
+
+    def release(self, kernel: PooledKernel, *, now: bool = False) -> None:
+        """Shut a claimed kernel down (kernels are never handed out twice). Waits for it."""
+        with self._cond:
+            self._claimed.discard(id(kernel))
+        self._run(self._shutdown(kernel, now=now), timeout=30)
+
+    def release_soon(self, kernel: PooledKernel) -> None:
+        """Like :meth:`release`, without waiting: the pool thread shuts it down."""
+        with self._cond:
+            self._claimed.discard(id(kernel))
+        if not self._loop.is_closed():
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(kernel, now=False), self._loop)
+            with self._cond:
+                self._releasing.add(future)
+            future.add_done_callback(lambda f: self._forget(f))
+
+    def _forget(self, future: Any) -> None:
+        with self._cond:
+            self._releasing.discard(future)
+
+    def interrupt(self, kernel: PooledKernel) -> None:
+        with contextlib.suppress(Exception):
+            self._run(kernel.manager.interrupt_kernel(), timeout=10)
+
+    def resize(self, size: int) -> None:
+        self.size = max(0, size)
+        self._fill()
+
+    def close(self) -> None:
+        """Shut down every kernel this pool started (waiting or claimed) and stop its thread."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            kernels = list(self._kernels.values())
+            releasing = list(self._releasing)
+            self._ready.clear()
+            self._cond.notify_all()
+        for future in releasing:  # kernels already on their way down: let them finish
+            with contextlib.suppress(Exception):
+                future.result(timeout=30)
+        if kernels:
+            async def shutdown_all() -> None:
+                await asyncio.gather(*(self._shutdown(k, now=True) for k in kernels), return_exceptions=True)
+
+            try:
+                self._run(shutdown_all(), timeout=30)
+            except Exception as e:  # say it: a kernel may be left running
+                log.warning("kernel pool: shutting kernels down failed: %s", e)
+        # kernels still starting are shut down by _start when they come up (closed is set)
+        deadline = time.monotonic() + 30
+        with self._cond:
+            while self._starting and time.monotonic() < deadline:
+                self._cond.wait(0.5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> "KernelPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    # -- inside ----------------------------------------------------------------------------------
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _fill(self) -> None:
+        with self._cond:
+            while not self._closed and len(self._ready) + self._starting < self.size:
+                self._start_one_locked()
+
+    def _start_one_locked(self) -> None:
+        self._starting += 1
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+
+    async def _start(self) -> None:
+        from jupyter_client.manager import AsyncKernelManager
+
+        # IPC sockets: local only, nothing listening on TCP ports (and no unencrypted-TCP warning)
+        manager = AsyncKernelManager(kernel_name=self.kernel_name, transport="ipc")
+        manager.client_class = "jupyter_mlops.kernels.pool.ReadyKernelClient"
+        manager.client_factory = ReadyKernelClient
+        env = {**os.environ, **self.env}
+        try:
+            await manager.start_kernel(cwd=self.cwd, env=env)
+            client = manager.client()
+            client.start_channels()
+            try:
+                await client.wait_for_ready(timeout=self.startup_timeout)
+                # An IPython kernel's first execution costs ~0.2 s of one-time set-up (history,
+                # display hooks); pay it here, ahead of the claim. Silent: no state, no history.
+                request = client.execute("pass", silent=True, store_history=False)
+                while True:
+                    reply = await client.shell_channel.get_msg(timeout=self.startup_timeout)
+                    if reply["parent_header"].get("msg_id") == request:
+                        break
+            finally:
+                client.stop_channels()
+        except BaseException as e:  # a failed start is reported to the waiting claim
+            with contextlib.suppress(Exception):
+                await manager.shutdown_kernel(now=True)
+            with self._cond:
+                self._starting -= 1
+                self._error = e
+                self._cond.notify_all()
+            if not isinstance(e, Exception):
+                raise
+            return
+        kernel = PooledKernel(manager, self.kernel_name, time.monotonic(), kernel_id=manager.kernel_id or "")
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._kernels[id(kernel)] = kernel
+                self._ready.append(kernel)
+                self._starting -= 1
+                self._cond.notify_all()
+                return
+        try:  # the pool closed while this kernel started: it never serves anyone
+            await manager.shutdown_kernel(now=True)
+        except Exception as e:
+            log.warning("kernel %s did not shut down cleanly: %s", kernel.kernel_id, e)
+        finally:
+            with self._cond:
+                self._starting -= 1
+                self._cond.notify_all()
+
+    async def _shutdown(self, kernel: PooledKernel, *, now: bool) -> None:
+        with self._cond:
+            if self._kernels.pop(id(kernel), None) is None:
+                return  # already shut down
+        try:
+            if await kernel.manager.is_alive():
+                await kernel.manager.shutdown_kernel(now=now)
+            else:
+                await kernel.manager.cleanup_resources()
+        except Exception as e:  # a kernel that is already gone is fine; say anything else
+            log.warning("kernel %s did not shut down cleanly: %s", kernel.kernel_id, e)

@@ -1,0 +1,181 @@
+"""``jupyter mlops pipeline run|resume|status|list``: a thin face over pipelines.runner."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_pipeline_commands"]
+
+
+def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", parameter_type: Any) -> None:
+    top = sub.add_parser("pipeline", help="run notebooks as a cached DAG of papermill steps (pipeline.yaml)")
+    cmds = top.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND")
+    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
+
+    p = cmds.add_parser("run", help="run a pipeline: steps in order, independent ones at once, unchanged ones skipped")
+    p.add_argument("pipeline", type=Path, metavar="PIPELINE.yaml")
+    p.add_argument("-p", "--parameter", dest="parameters", action="append", type=parameter_type, default=[],
+                   metavar="KEY=VALUE", help="override a parameter (STEP.KEY=VALUE for one step); JSON values keep their type")
+    p.add_argument("--only", action="append", default=[], metavar="STEP",
+                   help="run only this step (repeatable); the steps it needs are not run, their outputs must exist")
+    p.add_argument("--force", action="store_true", help="run every selected step even when its cache says unchanged")
+    p.add_argument("--workers", type=int, help="steps at once (default: the pipeline's `workers:`, else 2)")
+    p.add_argument("--no-progress", action="store_true", help="one line per step state change, nothing redrawn")
+    p.add_argument("--kernel", default="python3", help="kernel spec for the steps (default python3)")
+    p.add_argument("--schedule-id", help=argparse.SUPPRESS)  # set by the scheduler
+    p.set_defaults(func=_cmd_run)
+
+    p = cmds.add_parser("resume", help="re-run the failed steps of a run and what depends on them")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_resume)
+
+    p = cmds.add_parser("status", help="the steps of a pipeline run (default: the latest)")
+    p.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    p.set_defaults(func=_cmd_status)
+
+    p = cmds.add_parser("list", help="recent pipeline runs")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--pipeline", help="only runs of the pipeline with this name")
+    p.set_defaults(func=_cmd_list)
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (the scheduler, a service manager) cancels as cleanly as Ctrl-C."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _listener(no_progress: bool) -> Any:
+    from .pipelines.progress import Progress
+
+    return Progress(live=False if no_progress else None)
+
+
+def _report(result: Any, progress: Any) -> int:
+    from .pipelines.progress import summary_table
+
+    progress.close()
+    print(summary_table(result))
+    ran = [s for s in result.steps.values() if s.output_notebook]
+    if ran:
+        print(f"output notebooks: {Path(ran[0].output_notebook).parent}")
+    if result.spool_id:
+        print("runs upload to the tracking store in the background (jupyter mlops runs; jupyter mlops ui)")
+    return 0 if result.ok else 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .cli import _parse_value
+    from .pipelines.runner import run_pipeline
+
+    _terminate_as_interrupt()
+    progress = _listener(args.no_progress)
+    if args.workers is not None and args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        result = run_pipeline(args.pipeline, parameters={k: _parse_value(v) for k, v in args.parameters},
+                              only=args.only, force=args.force, workers=args.workers, listener=progress,
+                              schedule_id=args.schedule_id, kernel_name=args.kernel)
+    except KeyboardInterrupt:
+        progress.close()
+        print("cancelled: running kernels were stopped; resume with `jupyter mlops pipeline resume RUN_ID` "
+              "(see `jupyter mlops pipeline list`)", file=sys.stderr)
+        return 130
+    return _report(result, progress)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from .pipelines.runner import resume_pipeline
+
+    _terminate_as_interrupt()
+    progress = _listener(args.no_progress)
+    try:
+        result = resume_pipeline(args.run_id, listener=progress, workers=args.workers)
+    except KeyboardInterrupt:
+        progress.close()
+        print("cancelled", file=sys.stderr)
+        return 130
+    return _report(result, progress)
+
+
+def _store() -> Any:
+    from .config import load_config
+    from .pipelines.state import open_store
+
+    return open_store(load_config().resolved_pipeline_state_url)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def _took(start: float | None, end: float | None) -> str:
+    if not start:
+        return ""
+    return f"{(end or time.time()) - start:.1f}s"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .errors import MlopsError
+
+    store = _store()
+    if args.run_id:
+        rows = store.query("SELECT * FROM pipeline_runs WHERE id = ?", (args.run_id,))
+        if not rows:
+            raise MlopsError(f"no pipeline run {args.run_id!r}; see `jupyter mlops pipeline list`")
+    else:
+        rows = store.query("SELECT * FROM pipeline_runs ORDER BY started DESC LIMIT 1")
+        if not rows:
+            print("no pipeline has run here yet: jupyter mlops pipeline run PIPELINE.yaml")
+            return 0
+    run = rows[0]
+    print(f"pipeline {run['pipeline']}  run {run['id']}  {run['status']}  started {_when(run['started'])}  "
+          f"took {_took(run['started'], run['ended'])}")
+    print(f"  file: {run['file']}")
+    params = json.loads(run["parameters"] or "{}")
+    if params:
+        print("  parameters: " + " ".join(f"{k}={v}" for k, v in params.items()))
+    if run["resumed_from"]:
+        print(f"  resumes: {run['resumed_from']}")
+    steps = store.query("SELECT * FROM step_runs WHERE run_id = ? ORDER BY started", (run["id"],))
+    width = max((len(s["step"]) for s in steps), default=4)
+    print(f"  {'step':<{width}}  {'status':<10} {'time':>8}  attempts  note")
+    for s in steps:
+        note = s["error"] or (f"cached from {s['cached_from']}" if s["cached_from"] else "") or (s["output_notebook"] or "")
+        print(f"  {s['step']:<{width}}  {s['status']:<10} {_took(s['started'], s['ended']):>8}  {s['attempts'] or '':>8}  {note}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    store = _store()
+    if args.pipeline:
+        rows = store.query("SELECT * FROM pipeline_runs WHERE pipeline = ? ORDER BY started DESC LIMIT ?",
+                           (args.pipeline, args.limit))
+    else:
+        rows = store.query("SELECT * FROM pipeline_runs ORDER BY started DESC LIMIT ?", (args.limit,))
+    if not rows:
+        print("no pipeline runs yet: jupyter mlops pipeline run PIPELINE.yaml")
+        return 0
+    counts: dict[str, dict[str, int]] = {}
+    ids = [r["id"] for r in rows]
+    marks = ", ".join("?" for _ in ids)
+    for s in store.query(f"SELECT run_id, status, COUNT(*) AS n FROM step_runs WHERE run_id IN ({marks}) "
+                         "GROUP BY run_id, status", ids):
+        counts.setdefault(s["run_id"], {})[s["status"]] = s["n"]
+    print(f"{'run':<23} {'pipeline':<16} {'status':<10} {'started':<19} {'time':>8}  steps")
+    for r in rows:
+        steps = ", ".join(f"{n} {k}" for k, n in sorted(counts.get(r["id"], {}).items()))
+        print(f"{r['id']:<23} {r['pipeline'][:16]:<16} {r['status']:<10} {_when(r['started']):<19} "
+              f"{_took(r['started'], r['ended']):>8}  {steps}")
+    return 0
