@@ -48,11 +48,13 @@ def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _terminate_as_interrupt() -> None:
-    """SIGTERM (the scheduler, a service manager) cancels as cleanly as Ctrl-C."""
+    """SIGTERM (the scheduler, a service manager) and SIGINT cancel cleanly. SIGINT is set
+    explicitly: a shell starts background jobs with it ignored, and Python keeps that."""
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _listener(no_progress: bool) -> Any:

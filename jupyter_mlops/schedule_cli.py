@@ -1,11 +1,154 @@
-"""``jupyter mlops schedule ...`` and ``jupyter mlops scheduler``: a thin face over pipelines.scheduler."""
+"""``jupyter mlops schedule ...`` and ``jupyter mlops scheduler``: a thin face over pipelines.scheduler.
+
+Nothing heavy at import: the state store, the scheduler and the pipeline loader are imported by
+the commands that use them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .pipelines.scheduler import Fire, Scheduler
 
 __all__ = ["add_schedule_commands"]
 
 
 def add_schedule_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Register the schedule commands (filled in with the scheduler)."""
+    """Register ``schedule add|list|pause|resume|remove`` and ``scheduler`` under ``sub``."""
+    from .cli import _parameter
+
+    schedule = sub.add_parser("schedule", help="run pipelines on a cron schedule (see also: jupyter mlops scheduler)")
+    commands = schedule.add_subparsers(dest="schedule_command", metavar="ACTION")
+    schedule.set_defaults(func=lambda args: _usage(schedule))
+
+    p = commands.add_parser("add", help="schedule a pipeline (its `schedule:`, or --cron)")
+    p.add_argument("pipeline", type=Path, metavar="PIPELINE.yaml")
+    p.add_argument("--cron", help="five fields, e.g. '0 3 * * 1' (default: the pipeline's `schedule:`)")
+    p.add_argument("--tz", help="IANA time zone the cron is read in (default UTC), e.g. Europe/Berlin")
+    p.add_argument("--policy", choices=["skip", "catch_up"], default="skip",
+                   help="fires missed while no scheduler ran: skip them (default) or run once for them all")
+    p.add_argument("-p", "--parameter", dest="parameters", action="append", type=_parameter, default=[],
+                   metavar="KEY=VALUE", help="pipeline parameter for every run (repeatable), as for `pipeline run`")
+    p.add_argument("--name", help="schedule id (default: from the pipeline's name)")
+    p.set_defaults(func=_cmd_add)
+
+    p = commands.add_parser("list", help="schedules, their next fire and how the last one went")
+    p.set_defaults(func=_cmd_list)
+    for action, text in (("pause", "stop firing a schedule until resumed"),
+                         ("resume", "fire a paused schedule again, from now on"),
+                         ("remove", "delete a schedule and its history (a run going on finishes)")):
+        p = commands.add_parser(action, help=text)
+        p.add_argument("schedule_id", metavar="ID")
+        p.set_defaults(func=_cmd_change, action=action)
+
+    p = sub.add_parser("scheduler", help="run the schedules that are due, until stopped (SIGTERM, Ctrl-C)")
+    p.add_argument("--once", action="store_true",
+                   help="one pass: start what is due, wait for those runs, then exit (for a system cron)")
+    p.set_defaults(func=_cmd_scheduler)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _scheduler(**kwargs: object) -> "Scheduler":
+    from .config import load_config
+    from .pipelines.scheduler import Scheduler
+    from .pipelines.state import open_store
+
+    return Scheduler(open_store(load_config().resolved_pipeline_state_url), **kwargs)  # type: ignore[arg-type]
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    from .cli import _parse_value
+    from .pipelines.cron import CronError, parse
+    from .pipelines.spec import load_pipeline
+
+    parameters = dict(args.parameters)
+    spec = load_pipeline(args.pipeline, {k: _parse_value(v) for k, v in parameters.items()})
+    cron = args.cron or spec.schedule
+    if not cron:
+        raise UsageError(f"{args.pipeline} has no `schedule:`; give --cron 'MIN HOUR DAY MONTH WEEKDAY' "
+                         "(e.g. '0 3 * * 1') or add `schedule:` to the file")
+    if not args.cron:
+        try:
+            parse(cron)  # the file's own text first, so its errors point at the file
+        except CronError as e:
+            raise UsageError(f"{args.pipeline}: schedule: {e.problem}") from e
+    added = _scheduler().add(spec.file, cron, tz=args.tz, policy=args.policy, parameters=parameters,
+                             name=args.name, pipeline_name=spec.name)
+    print(f"Scheduled {added.id}: {added.pipeline_file} at '{added.cron}' ({added.tz}), policy {added.policy}.")
+    print(f"  next run: {_when(added.next_fire, added.tz)}. Runs start while a scheduler runs: jupyter mlops scheduler")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    scheduler = _scheduler()
+    schedules = scheduler.schedules()
+    if not schedules:
+        print("No schedules. Add one: jupyter mlops schedule add PIPELINE.yaml [--cron '0 3 * * 1']")
+        return 0
+    rows = [("ID", "PIPELINE", "CRON", "NEXT FIRE", "LAST OUTCOME", "PAUSED")]
+    for s in schedules:
+        last = scheduler.history(s.id, limit=1)
+        cron = s.cron if s.tz == "UTC" else f"{s.cron} ({s.tz})"
+        rows.append((s.id, _relative(s.pipeline_file), cron, "-" if s.paused else _when(s.next_fire, s.tz),
+                     _outcome(last[0], s.tz) if last else "-", "yes" if s.paused else "no"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def _cmd_change(args: argparse.Namespace) -> int:
+    scheduler = _scheduler()
+    if args.action == "remove":
+        scheduler.remove(args.schedule_id)
+        print(f"Removed schedule {args.schedule_id}.")
+    elif args.action == "pause":
+        scheduler.pause(args.schedule_id)
+        print(f"Paused {args.schedule_id}; `jupyter mlops schedule resume {args.schedule_id}` fires it again.")
+    else:
+        s = scheduler.resume(args.schedule_id)
+        print(f"Resumed {s.id}; next run: {_when(s.next_fire, s.tz)}.")
+    return 0
+
+
+def _cmd_scheduler(args: argparse.Namespace) -> int:
+    scheduler = _scheduler(log=lambda line: print(line, flush=True))
+    if args.once:
+        fires = scheduler.run_once()
+        if not fires:
+            print("Nothing due.")
+        return 0
+    scheduler.run_forever()
+    left = len(scheduler.running)
+    print("Scheduler stopped." + (f" {left} run(s) still going finish on their own." if left else ""), file=sys.stderr)
+    return 0
+
+
+def _when(when: datetime | None, tz: str) -> str:
+    if when is None:
+        return "-"
+    from .pipelines.cron import zone
+
+    return when.astimezone(zone(tz)).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _outcome(fire: "Fire", tz: str) -> str:
+    return f"{fire.summary} ({_when(fire.scheduled, tz)})"
+
+
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -198,6 +199,27 @@ def mlops_small_fs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"cannot mount a small tmpfs: {done.stderr.decode().strip()}")
     yield path
     subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def mlops_postgres_uri() -> Iterator[str]:
+    """A fresh database of this test's own, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({str(e).strip()})")
+    admin.autocommit = True
+    name = f"mlops_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
 
 
 def make_notebook(path: Path, cells: list[str], parameters: str | None = None) -> Path:

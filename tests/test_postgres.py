@@ -19,27 +19,6 @@ from .conftest import Project, find_run
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture
-def mlops_postgres_uri() -> Iterator[str]:
-    """A fresh database of this test's own, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({str(e).strip()})")
-    admin.autocommit = True
-    name = f"mlops_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
-
-
 def test_runs_upload_exactly_once_into_postgresql(mlops_project: Project, mlops_postgres_uri: str) -> None:
     project = Project(mlops_project.root, mlops_postgres_uri)
     config = project.config(flusher_autostart=False)

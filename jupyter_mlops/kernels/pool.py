@@ -18,6 +18,8 @@ import collections
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -118,6 +120,8 @@ class KernelPool:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._releasing: set[Any] = set()  # shutdowns in flight (release_soon)
+        self._serial = 0
+        self._runtime = tempfile.mkdtemp(prefix="mlops-kernels-")  # short: IPC paths are limited to ~100 bytes
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mlops-kernel-pool", daemon=True)
         self._thread.start()
@@ -176,6 +180,18 @@ class KernelPool:
         with contextlib.suppress(Exception):
             self._run(kernel.manager.interrupt_kernel(), timeout=10)
 
+    def wait_ready(self, count: int | None = None, timeout: float = 120.0) -> bool:
+        """Wait until ``count`` (default: the pool's size) kernels are started and waiting."""
+        count = self.size if count is None else count
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._ready) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed or self._error is not None:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
     def resize(self, size: int) -> None:
         self.size = max(0, size)
         self._fill()
@@ -210,6 +226,7 @@ class KernelPool:
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
+        shutil.rmtree(self._runtime, ignore_errors=True)
 
     def __enter__(self) -> "KernelPool":
         return self
@@ -238,8 +255,14 @@ class KernelPool:
     async def _start(self) -> None:
         from jupyter_client.manager import AsyncKernelManager
 
-        # IPC sockets: local only, nothing listening on TCP ports (and no unencrypted-TCP warning)
-        manager = AsyncKernelManager(kernel_name=self.kernel_name, transport="ipc")
+        # IPC sockets in the pool's private folder: local only, nothing listening on TCP ports (and
+        # no unencrypted-TCP warning); a name per kernel, so kernels starting at once never collide.
+        with self._cond:
+            self._serial += 1
+            name = f"k{self._serial}"
+        manager = AsyncKernelManager(kernel_name=self.kernel_name, transport="ipc",
+                                     ip=os.path.join(self._runtime, name),
+                                     connection_file=os.path.join(self._runtime, name + ".json"))
         manager.client_class = "jupyter_mlops.kernels.pool.ReadyKernelClient"
         manager.client_factory = ReadyKernelClient
         env = {**os.environ, **self.env}

@@ -248,5 +248,43 @@ def execute_on_kernel(
             mlops_setup=setup, mlops_on_cell=on_cell,
         )
     except PapermillExecutionError as e:
-        return NotebookFailed(src, out, e.cell_index + 1, f"{e.ename}: {e.evalue}")
+        return NotebookFailed(src, out, _source_cell(out, e.cell_index) + 1, f"{e.ename}: {e.evalue}")
+    finally:
+        _close_thread_loop()
     return None
+
+
+def _source_cell(out: Path, index: int) -> int:
+    """The failing cell's index in the author's notebook. papermill's output notebook also holds
+    the cell it injected with the parameters and the error banners it adds: skip those."""
+    try:
+        with open(out, encoding="utf-8") as f:
+            cells = json.load(f)["cells"]
+    except (OSError, ValueError, KeyError):
+        return index
+    added = {"injected-parameters", "papermill-error-cell-tag"}
+    position = 0
+    for cell in cells:
+        if added & set(cell.get("metadata", {}).get("tags", [])):
+            continue
+        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            return position
+        position += 1
+    return index
+
+
+def _close_thread_loop() -> None:
+    """nbclient runs its coroutines on an event loop it makes for the calling thread and never
+    closes; a worker thread that runs many steps would leak one per thread. Close it here."""
+    import asyncio
+    import contextlib
+
+    with contextlib.suppress(RuntimeError):
+        asyncio.get_running_loop()
+        return  # called from inside a loop: not ours to close
+    policy = asyncio.get_event_loop_policy()
+    loop = getattr(policy._local, "_loop", None)  # the loop set for this thread, without creating one
+    if loop is not None and not loop.is_closed():
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        asyncio.set_event_loop(None)

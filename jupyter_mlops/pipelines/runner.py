@@ -112,16 +112,21 @@ def run_pipeline(
     schedule_id: str | None = None,
     kernel_name: str = "python3",
     retry_backoff: float = 1.0,
+    pool: Any = None,
 ) -> PipelineResult:
     """Run the pipeline in ``path``. Returns its result; raises :class:`PipelineSpecError` for a
-    pipeline that cannot run, and ``KeyboardInterrupt`` after a clean cancellation."""
+    pipeline that cannot run, and ``KeyboardInterrupt`` after a clean cancellation.
+
+    ``pool``: a :class:`~jupyter_mlops.kernels.pool.KernelPool` of ``kernel_name`` kernels to take
+    the steps' kernels from (its owner closes it); default: a pool of this run's own.
+    """
     config = config or load_config()
     spec = load_pipeline(path, parameters)
     dag = build_dag(spec)
     selected = _select(spec, dag, only)
     runner = _Runner(spec, dag, config, selected=selected, force=force, workers=workers, listener=listener,
                      schedule_id=schedule_id, kernel_name=kernel_name, retry_backoff=retry_backoff,
-                     parameters=dict(parameters or {}), options={"only": sorted(only), "force": force})
+                     parameters=dict(parameters or {}), options={"only": sorted(only), "force": force}, pool=pool)
     return runner.run()
 
 
@@ -184,7 +189,8 @@ class _Runner:
     def __init__(self, spec: PipelineSpec, dag: Dag, config: MlopsConfig, *, selected: set[str], force: bool,
                  workers: int | None, listener: Listener | None, schedule_id: str | None, kernel_name: str,
                  retry_backoff: float, parameters: dict[str, Any], options: dict[str, Any],
-                 resumed_from: str | None = None, kept: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 resumed_from: str | None = None, kept: Mapping[str, Mapping[str, Any]] | None = None,
+                 pool: Any = None) -> None:
         self.spec = spec
         self.dag = dag
         self.config = config
@@ -209,7 +215,8 @@ class _Runner:
         self.options = options
         self.resumed_from = resumed_from
         self.cancel = threading.Event()
-        self.pool: Any = None
+        self.pool: Any = pool
+        self._own_pool = pool is None
         self._pool_lock = threading.Lock()
         self._running: dict[str, Any] = {}  # step -> claimed kernel
         self.parent: Any = None  # the pipeline's tracking run
@@ -224,6 +231,7 @@ class _Runner:
         self._record_start()
         if self.force or self._likely_misses():
             self._ensure_pool()
+            self._prewarm_data()
         try:
             self._loop()
         except KeyboardInterrupt:
@@ -284,6 +292,24 @@ class _Runner:
         return "ready"
 
     # -- cache ------------------------------------------------------------------------------------
+
+    def _prewarm_data(self) -> None:
+        """Import papermill and DVC (a second or more) while the first kernels start, rather
+        than inside the first step."""
+        modules = ["papermill", "nbclient", "jupyter_mlops.pipelines.notebook"]
+        if any(self.spec.steps[n].outputs for n, s in self.result.steps.items() if s.status == "pending"):
+            modules += ["dvc.repo", "dvc_data.hashfile.build"]
+
+        def load() -> None:
+            import importlib
+
+            for name in modules:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # only a head start: the real import reports any problem
+                    return
+
+        threading.Thread(target=load, name="mlops-prewarm", daemon=True).start()
 
     def _likely_misses(self) -> bool:
         """Start kernels right away unless every selected step has a cache entry (a no-op re-run
@@ -377,8 +403,9 @@ class _Runner:
         out.parent.mkdir(parents=True, exist_ok=True)
         pool = self._ensure_pool()
         # keep only as many kernels starting as there are steps left to claim them
-        waiting = sum(1 for s in self.result.steps.values() if s.status == "pending")
-        pool.size = min(self.workers, waiting)
+        if self._own_pool:
+            waiting = sum(1 for s in self.result.steps.values() if s.status == "pending")
+            pool.size = min(self.workers, waiting)
         try:
             kernel = pool.claim()
         except KernelStartError as e:
@@ -428,7 +455,11 @@ class _Runner:
     def _setup_code(self, step: StepSpec, res: StepResult, out: Path) -> str:
         from .notebook import _parameters_json
 
+        # A pooled kernel started before this run existed: everything it must know comes here.
         env = {
+            "MLOPS_PROJECT_ROOT": str(self.config.root),
+            "MLOPS_SPOOL_DIR": str(self.config.resolved_spool_dir),
+            "MLFLOW_TRACKING_URI": self.config.resolved_tracking_uri,
             "MLOPS_NOTEBOOK_PATH": str(step.notebook),
             "MLOPS_OUTPUT_NOTEBOOK_PATH": str(out),
             "MLOPS_INVOCATION_ID": f"{self.result.run_id}:{step.name}",
@@ -474,16 +505,9 @@ class _Runner:
                 from ..kernels.pool import KernelPool
 
                 to_run = sum(1 for s in self.result.steps.values() if s.status == "pending")
-                self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, to_run)), cwd=self.base,
-                                       env=self._kernel_env())
+                self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, to_run)), cwd=self.base)
             return self.pool
 
-    def _kernel_env(self) -> dict[str, str]:
-        env = {"MLOPS_PROJECT_ROOT": str(self.config.root), "MLOPS_SPOOL_DIR": str(self.config.resolved_spool_dir),
-               "MLFLOW_TRACKING_URI": self.config.resolved_tracking_uri, "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
-        if self.config.pipeline_state_url:
-            env["MLOPS_PIPELINE_STATE_URL"] = self.config.pipeline_state_url
-        return env
 
     def _interrupt_running(self) -> None:
         pool = self.pool
@@ -496,7 +520,11 @@ class _Runner:
         self.cancel.set()
         self._interrupt_running()
         if self.pool is not None:
-            self.pool.close()  # every kernel it started, claimed or not, is shut down
+            if self._own_pool:
+                self.pool.close()  # every kernel it started, claimed or not, is shut down
+            else:
+                for kernel in list(self._running.values()):
+                    self.pool.release(kernel, now=True)
         for res in self.result.steps.values():
             if res.status in ("pending", "running"):
                 self._set(res.name, "cancelled", ended=time.time(), error="cancelled")
@@ -627,7 +655,7 @@ class _Runner:
         r = self.result
         r.status = status
         r.ended = time.time()
-        if self.pool is not None:
+        if self.pool is not None and self._own_pool:
             self.pool.close()
         if self.parent is not None and not self.parent.ended:
             counts = {s: r.count(s) for s in STEP_STATES if r.count(s)}

@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -42,7 +43,7 @@ def prepare_spool_dir(spool_dir: Path, config: MlopsConfig) -> None:
         embedded = config.embedded_dir
         if embedded.is_dir() and not (embedded / ".gitignore").exists():
             (embedded / ".gitignore").write_text("# local state of jupyter_mlops: never commit it\n*\n")
-        probe = spool_dir / f".probe-{os.getpid()}"
+        probe = spool_dir / f".probe-{os.getpid()}-{threading.get_ident()}"  # threads of one process too
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -213,5 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     idle = float(os.environ.get("MLOPS_FLUSHER_IDLE", "5"))
     linger = float(os.environ.get("MLOPS_FLUSHER_LINGER", "900"))
+    try:
+        # A background uploader: it gives way to the kernels and pipeline steps that feed it
+        # (importing mlflow alone is seconds of CPU). Uploads are durable in the spool; late is fine.
+        os.nice(int(os.environ.get("MLOPS_FLUSHER_NICE", "10")))
+    except (OSError, ValueError):
+        pass
     return serve(Path(argv[0]), idle, linger)
 

@@ -221,9 +221,11 @@ class Uploader:
             state["offset"] = size
             atomic_write_json(run_dir / STATE, state)
         if not alive and not ended and _fully_read(run_dir, int(state["offset"])):
-            # The kernel died without ending the run (killed, crashed, out of memory).
-            gateway.set_tags(run_id, {"mlops.end_reason": "the writing process died before the run ended"})
-            gateway.terminate(run_id, "KILLED", int(time.time() * 1000))
+            # The kernel died without ending the run (killed, crashed, out of memory). An attached
+            # run's target belongs to its owner (a pipeline step's runner), which ends it.
+            if not state.get("attached"):
+                gateway.set_tags(run_id, {"mlops.end_reason": "the writing process died before the run ended"})
+                gateway.terminate(run_id, "KILLED", int(time.time() * 1000))
             ended = state["ended"] = "KILLED"
             atomic_write_json(run_dir / STATE, state)
         if ended and not alive and _fully_read(run_dir, int(state["offset"])):

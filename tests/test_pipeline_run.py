@@ -1,0 +1,318 @@
+"""Pipelines run for real: kernels from the pool, papermill, DVC versioning, the MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jupyter_mlops.cli import main as cli
+from jupyter_mlops.data.project import init_project
+from jupyter_mlops.errors import MlopsError, PipelineSpecError
+from jupyter_mlops.pipelines import cache
+from jupyter_mlops.pipelines.runner import resume_pipeline, run_pipeline
+from jupyter_mlops.pipelines.state import open_store
+
+from .conftest import Project, make_notebook
+
+MAKE = ["import pathlib\npathlib.Path('data').mkdir(exist_ok=True)\npathlib.Path('data/x.txt').write_text(str(n) * n)"]
+USE = [
+    "%load_ext jupyter_mlops\n%mlops track",
+    "t = open('data/x.txt').read()\n%mlops log length={len(t) * k}",
+    "import pathlib\npathlib.Path('out').mkdir(exist_ok=True)\npathlib.Path(f'out/r{k}.txt').write_text(t * k)",
+]
+JOIN = ["import pathlib\npathlib.Path('final.txt').write_text(open('out/r1.txt').read() + open('out/r2.txt').read())"]
+
+PIPELINE = """\
+name: demo
+steps:
+  make:
+    notebook: make.ipynb
+    parameters: {n: 3}
+    outputs: [data/x.txt]
+  use:
+    notebook: use.ipynb
+    matrix: {k: [1, 2]}
+    inputs: [data/x.txt]
+    outputs: ["out/r{k}.txt"]
+  join:
+    notebook: join.ipynb
+    inputs: [out/r1.txt, out/r2.txt]
+    outputs: [final.txt]
+"""
+
+
+@pytest.fixture
+def demo(mlops_project: Project) -> Project:
+    """A git + DVC project holding a fan-out / fan-in pipeline of three notebooks."""
+    init_project(mlops_project.root)
+    root = mlops_project.root
+    make_notebook(root / "make.ipynb", MAKE, "n = 1")
+    make_notebook(root / "use.ipynb", USE, "k = 1")
+    make_notebook(root / "join.ipynb", JOIN, "")
+    (root / "pipeline.yaml").write_text(PIPELINE)
+    return mlops_project
+
+
+def statuses(result: Any) -> dict[str, str]:
+    return {name: step.status for name, step in result.steps.items()}
+
+
+def run(project: Project, **kwargs: Any) -> Any:
+    kwargs.setdefault("retry_backoff", 0.01)
+    return run_pipeline(project.root / "pipeline.yaml", config=project.config(), **kwargs)
+
+
+def uploaded(project: Project) -> None:
+    assert cli(["sync"]) == 0
+
+
+def test_fan_out_fan_in_tracked_versioned_then_all_cached(demo: Project) -> None:
+    events: list[tuple[str, str]] = []
+    first = run(demo, listener=lambda result, step: events.append((step.name, step.status)))
+    assert first.ok, {n: s.error for n, s in first.steps.items()}
+    assert statuses(first) == dict.fromkeys(["make", "use[k=1]", "use[k=2]", "join"], "succeeded")
+    assert (demo.root / "final.txt").read_text() == "333" + "333333"
+    # the DAG's order held: nobody started before what it reads had succeeded
+    order = [name for name, status in events if status == "running"]
+    assert order[0] == "make" and order[-1] == "join"
+    for rel in ("data/x.txt", "out/r1.txt", "out/r2.txt", "final.txt"):
+        assert (demo.root / (rel + ".dvc")).is_file(), f"{rel} was not versioned with DVC"
+
+    second = run(demo)
+    assert statuses(second) == dict.fromkeys(first.steps, "cached")
+    assert all(step.attempts == 0 and step.cached_from == first.run_id for step in second.steps.values())
+    assert second.spool_id is None  # nothing ran: no MLflow run for a no-op
+
+    uploaded(demo)
+    client = demo.client()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [r for r in runs if r.data.tags.get("mlops.pipeline.run_id") == first.run_id and "mlops.step" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = {r.data.tags["mlops.step"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert set(children) == set(first.steps)
+    use1 = children["use[k=1]"]
+    assert use1.data.params["k"] == "1" and use1.info.status == "FINISHED"
+    assert use1.data.metrics["length"] == 3.0  # %mlops track attached to the step's run...
+    assert len(runs) == 5  # ...instead of starting a sixth
+    roles = {(d.dataset.name, d.tags[0].value) for d in use1.inputs.dataset_inputs}
+    assert roles == {("data/x.txt", "input"), ("out/r1.txt", "output")}
+    assert [a.path for a in client.list_artifacts(use1.info.run_id, "notebook")] == ["notebook/use_k_1_.ipynb"]
+
+
+def test_cache_misses_on_each_cause_and_only_there(demo: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(demo).ok
+
+    # not code: a markdown cell and outputs do not count
+    import nbformat
+
+    nb = nbformat.read(demo.root / "join.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("# notes"))
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="old output\n")]
+    nbformat.write(nb, demo.root / "join.ipynb")
+    assert set(statuses(run(demo)).values()) == {"cached"}
+
+    # code of one step: that step only (its outputs come out the same, so nothing downstream)
+    nb.cells[0].source += "\nprint('changed')"
+    nbformat.write(nb, demo.root / "join.ipynb")
+    assert statuses(run(demo))["join"] == "succeeded"
+    assert set(statuses(run(demo)).values()) == {"cached"}
+
+    # a parameter: the step and what reads its (now different) output
+    result = run(demo, parameters={"make.n": 4})
+    assert statuses(result) == dict.fromkeys(result.steps, "succeeded")
+
+    # an input's version: a step whose input changed on disk re-runs, its upstream does not
+    (demo.root / "out" / "r2.txt").write_text("edited by hand")
+    result = run(demo, parameters={"make.n": 4})
+    assert statuses(result) == {"make": "cached", "use[k=1]": "cached", "use[k=2]": "succeeded", "join": "cached"}
+
+    # an output changed or deleted since: re-made
+    (demo.root / "final.txt").unlink()
+    assert statuses(run(demo, parameters={"make.n": 4}))["join"] == "succeeded"
+
+    # the environment's lock
+    lock = demo.root / "conda-lock.yml"
+    lock.write_text("version: 1\n")
+    monkeypatch.setenv("MLOPS_ENV_LOCK", str(lock))
+    monkeypatch.setattr(cache, "_env_digest", None)  # computed once per process; this is a new one
+    result = run(demo, parameters={"make.n": 4})
+    assert set(statuses(result).values()) == {"succeeded"}
+
+    # --force runs all; --only runs one
+    assert set(statuses(run(demo, parameters={"make.n": 4}, force=True)).values()) == {"succeeded"}
+    only = run(demo, parameters={"make.n": 4}, only=["use"], force=True)
+    assert statuses(only) == {"use[k=1]": "succeeded", "use[k=2]": "succeeded"}
+
+
+FLAKY = [
+    "import pathlib\nif not pathlib.Path('fixed').exists():\n    raise RuntimeError('not fixed yet')",
+    "pathlib.Path('out').mkdir(exist_ok=True)\npathlib.Path(f'out/r{k}.txt').write_text('ok')",
+]
+
+
+def test_failure_retries_keeps_partial_notebook_and_resume_reruns_only_what_failed(demo: Project) -> None:
+    make_notebook(demo.root / "use.ipynb", FLAKY, "k = 1")
+    (demo.root / "pipeline.yaml").write_text(PIPELINE.replace("    outputs: [\"out/r{k}.txt\"]",
+                                                              "    outputs: [\"out/r{k}.txt\"]\n    retries: 1"))
+    failed = run(demo)
+    assert failed.status == "failed"
+    assert statuses(failed) == {"make": "succeeded", "use[k=1]": "failed", "use[k=2]": "failed", "join": "blocked"}
+    step = failed.steps["use[k=1]"]
+    assert step.attempts == 2
+    assert "cell 2 raised RuntimeError: not fixed yet" in (step.error or "")
+    import nbformat
+
+    partial = nbformat.read(step.output_notebook, as_version=4)
+    errors = [o for c in partial.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert errors and errors[0].evalue == "not fixed yet"
+    rows = open_store(demo.config().resolved_pipeline_state_url).query(
+        "SELECT status FROM pipeline_runs WHERE id = ?", (failed.run_id,))
+    assert rows == [{"status": "failed"}]
+
+    (demo.root / "fixed").write_text("")
+    resumed = resume_pipeline(failed.run_id, config=demo.config(), retry_backoff=0.01)
+    assert resumed.ok
+    assert statuses(resumed) == {"make": "kept", "use[k=1]": "succeeded", "use[k=2]": "succeeded", "join": "succeeded"}
+    with pytest.raises(MlopsError, match="nothing to resume"):
+        resume_pipeline(resumed.run_id, config=demo.config())
+    with pytest.raises(MlopsError, match="no pipeline run 'nope'"):
+        resume_pipeline("nope", config=demo.config())
+
+
+def test_missing_input_and_undeclared_output_fail_the_step_with_the_reason(demo: Project) -> None:
+    make_notebook(demo.root / "make.ipynb", ["x = n"], "n = 1")  # writes nothing
+    result = run(demo)
+    assert statuses(result)["make"] == "failed"
+    assert "did not write its declared output(s) data/x.txt" in (result.steps["make"].error or "")
+    assert set(statuses(result).values()) == {"failed", "blocked"}
+    # --only a step whose input nobody made: says which input and what to do
+    result = run(demo, only=["join"])
+    assert "input out/r1.txt does not exist" in (result.steps["join"].error or "")
+    with pytest.raises(PipelineSpecError, match="--only nope: no such step"):
+        run(demo, only=["nope"])
+
+
+def test_step_timeout(demo: Project) -> None:
+    make_notebook(demo.root / "make.ipynb", ["import time\ntime.sleep(120)"], "n = 1")
+    (demo.root / "pipeline.yaml").write_text(PIPELINE.replace("    outputs: [data/x.txt]", "    outputs: [data/x.txt]\n    timeout: 1"))
+    result = run(demo, only=["make"])
+    assert statuses(result) == {"make": "failed"}
+    assert "timed out after 1 s" in (result.steps["make"].error or "")
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_failure_webhook_gets_the_failed_steps_and_a_dead_webhook_changes_nothing(demo: Project) -> None:
+    make_notebook(demo.root / "make.ipynb", ["raise ValueError('bad data')"], "n = 1")
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        result = run_pipeline(demo.root / "pipeline.yaml", config=demo.config(pipeline_webhook_url=url), only=["make"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.status == "failed"
+    (payload,) = _Hook.received
+    assert payload["run_id"] == result.run_id
+    assert "ValueError: bad data" in payload["failed_steps"]["make"]
+    assert payload["resume"] == f"jupyter mlops pipeline resume {result.run_id}"
+    # nobody listens there now: the pipeline still ends, failed, with its own reason
+    again = run_pipeline(demo.root / "pipeline.yaml", config=demo.config(pipeline_webhook_url=url), only=["make"])
+    assert again.status == "failed"
+
+
+def _kernels_of(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_cleanly_and_leaves_no_kernel(demo: Project) -> None:
+    import psutil
+
+    make_notebook(demo.root / "use.ipynb", ["import time\ntime.sleep(300)"], "k = 1")
+    proc = subprocess.Popen([sys.executable, "-m", "jupyter_mlops", "pipeline", "run", "pipeline.yaml", "--no-progress"],
+                            cwd=demo.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    store = open_store(demo.config().resolved_pipeline_state_url)
+    deadline = time.monotonic() + 120
+    kernels: list[Any] = []
+    while time.monotonic() < deadline:  # wait for the state the test needs: both sleepers running
+        rows = store.query("SELECT status FROM step_runs WHERE step LIKE 'use%' AND status = 'running'")
+        kernels = _kernels_of(proc.pid)
+        if len(rows) == 2 and len(kernels) >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    else:
+        pytest.fail("the two steps never ran")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "cancelled" in out
+    gone, alive = psutil.wait_procs(kernels, timeout=10)
+    assert not alive, f"kernels left behind: {[p.pid for p in alive]}"
+    run_row = store.query("SELECT id, status FROM pipeline_runs ORDER BY started DESC LIMIT 1")[0]
+    assert run_row["status"] == "cancelled"
+    steps = {r["step"]: r["status"] for r in store.query("SELECT step, status FROM step_runs WHERE run_id = ?", (run_row["id"],))}
+    assert steps == {"make": "succeeded", "use[k=1]": "cancelled", "use[k=2]": "cancelled", "join": "cancelled"}
+
+
+def test_cli_run_status_list_and_errors(demo: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["pipeline", "run", "pipeline.yaml", "--no-progress", "-p", "make.n=2"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline demo succeeded" in out and "4 succeeded" in out
+    assert cli(["pipeline", "run", "pipeline.yaml", "--no-progress", "-p", "make.n=2"]) == 0
+    assert "4 cached" in capsys.readouterr().out
+    assert cli(["pipeline", "status"]) == 0
+    status = capsys.readouterr().out
+    assert "cached from" in status and "join" in status
+    assert cli(["pipeline", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "4 cached" in listing and "4 succeeded" in listing
+    assert cli(["pipeline", "status", "nope"]) == 1
+    assert "no pipeline run 'nope'" in capsys.readouterr().err
+    assert cli(["pipeline", "run", "pipeline.yaml", "-p", "nothere=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no step's notebook declares 'nothere'" in err
+    (demo.root / "bad.yaml").write_text("steps:\n  a: {notebook: make.ipynb, needs: [a]}\n")
+    assert cli(["pipeline", "run", "bad.yaml"]) == 1
+    assert "cycle" in capsys.readouterr().err
+
+
+@pytest.mark.postgres
+def test_state_in_postgresql(demo: Project, mlops_postgres_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLOPS_PIPELINE_STATE_URL", mlops_postgres_uri)
+    first = run(demo, only=["make"])
+    assert first.ok
+    again = run(demo, only=["make"])
+    assert statuses(again) == {"make": "cached"}
+    store = open_store(mlops_postgres_uri)
+    assert store.query("SELECT status FROM pipeline_runs WHERE id = ?", (again.run_id,)) == [{"status": "succeeded"}]
+    assert not (demo.root / ".mlops" / "pipelines.db").exists()
