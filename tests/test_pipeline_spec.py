@@ -111,3 +111,12 @@ def test_bad_command_line_parameters(mlops_pipeline_dir: Path) -> None:
 def test_a_missing_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(PipelineSpecError, match="no such file; check the path"):
         load_pipeline(tmp_path / "nope.yaml")
+
+
+def test_bad_schedule_names_the_line_and_the_field(tmp_path: Path) -> None:
+    make_notebook(tmp_path / "a.ipynb", ["x = 1"], "x = 0")
+    (tmp_path / "p.yaml").write_text("schedule: '0 24 * * *'\nsteps:\n  a: {notebook: a.ipynb}\n")
+    with pytest.raises(PipelineSpecError, match=r"p.yaml:1: schedule: hour 24 is out of range 0-23"):
+        load_pipeline(tmp_path / "p.yaml")
+    (tmp_path / "p.yaml").write_text("schedule: '0 3 * * MON'\nsteps:\n  a: {notebook: a.ipynb}\n")
+    assert load_pipeline(tmp_path / "p.yaml").schedule == "0 3 * * MON"

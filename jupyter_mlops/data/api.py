@@ -7,12 +7,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import DataError
-from ..tracking import run as _tracking
 from .dvc_client import DvcProject
 from .index import DataIndex, snapshot
 from .versions import DataVersion
+
+if TYPE_CHECKING:
+    from ..tracking.run import Run
 
 __all__ = ["add", "use", "version", "status", "push", "pull", "DataChange"]
 
@@ -99,33 +102,41 @@ def add(*paths: str | os.PathLike[str], record: bool = True, start: Path | None 
     if not paths:
         raise DataError("name at least one file or folder to version")
     project = _project(start)
-    versions = []
+    rels = []
     for path in paths:
         rel = project.rel(path)
-        absolute = project.root / rel
-        if not absolute.exists():
+        if not (project.root / rel).exists():
             raise DataError(f"{path} does not exist", path=str(path))
+        rels.append(rel)
+    index = DataIndex(project.root)
+    changed = [rel for rel in rels if not _unchanged(project, index, rel)]
+    if changed:
+        project.add(*changed)  # one DVC call for all: its set-up costs more than a small file
+    versions = []
+    for rel in rels:
         dvcfile = rel + ".dvc"
-        snap = snapshot(absolute)
-        known = DataIndex(project.root).get(rel)
-        unchanged = (
-            (project.root / dvcfile).is_file()
-            and known is not None
-            and snap is not None
-            and known["snapshot"] == snap.digest
-            and project.recorded(rel, dvcfile)[0] == known["md5"]
-        )
-        if not unchanged:
-            project.add(rel)
-            snap = snapshot(absolute)
+        snap = snapshot(project.root / rel)
         md5, size, nfiles, kind = project.recorded(rel, dvcfile)
         assert snap is not None
-        DataIndex(project.root).put(rel, md5, snap)
+        index.put(rel, md5, snap)
         found = DataVersion(rel, md5, size, nfiles, kind, project.commit_of(dvcfile), False, snap.digest)
         if record:
             _record(found, "output")
         versions.append(found)
     return versions
+
+
+def _unchanged(project: DvcProject, index: DataIndex, rel: str) -> bool:
+    """The .dvc file already records what is on disk (by stat snapshot: nothing is hashed)."""
+    known = index.get(rel)
+    snap = snapshot(project.root / rel)
+    return (
+        (project.root / (rel + ".dvc")).is_file()
+        and known is not None
+        and snap is not None
+        and known["snapshot"] == snap.digest
+        and project.recorded(rel, rel + ".dvc")[0] == known["md5"]
+    )
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,8 @@ class DataChange:
 
 def status() -> list[DataChange]:
     """For each version the active (or last) run recorded: is the workspace still at it?"""
+    from ..tracking import run as _tracking
+
     run = _tracking.last_run()
     if run is None:
         raise DataError("no run has recorded data yet: start one with `%mlops track`")
@@ -171,6 +184,8 @@ def pull(*paths: str | os.PathLike[str]) -> dict[str, object]:
 
 def _record(found: DataVersion, role: str) -> None:
     global _told_no_run
+    from ..tracking import run as _tracking
+
     run = _tracking.active_run()
     if run is None:
         if not _told_no_run:
@@ -186,7 +201,7 @@ def _record(found: DataVersion, role: str) -> None:
     run.datasets.append((role, found))
 
 
-def _check_inputs_at_end(run: _tracking.Run) -> None:
+def _check_inputs_at_end(run: Run) -> None:
     """Before the run ends: did anything it read change since? Then say so, and log lineage.json."""
     changed = []
     for role, recorded in run.datasets:

@@ -152,18 +152,23 @@ class DvcProject:
             raise DataError(f"cannot read {target}: {e.strerror or e}", path=target) from e
         return obj.hash_info.value, int(meta.size or 0), int(meta.nfiles or 1)
 
-    def add(self, target: str) -> None:
-        """Version ``target`` with DVC. The previous ``.dvc`` file survives any failure."""
-        path = self.root / target
-        dvcfile = self.root / (target + ".dvc")
-        previous = dvcfile.read_bytes() if dvcfile.exists() else None
+    def add(self, *targets: str) -> None:
+        """Version ``targets`` with DVC, in one DVC call. Every previous ``.dvc`` file survives
+        any failure."""
+        previous = {}
+        for target in targets:
+            dvcfile = self.root / (target + ".dvc")
+            previous[dvcfile] = dvcfile.read_bytes() if dvcfile.exists() else None
         try:
-            if path.is_file():
-                self._prefill_cache(path)
-            with _dvc_errors(target):
-                self.repo.add([str(path)], relink=False)  # keep the workspace copy: no copy back
+            for target in targets:
+                if (self.root / target).is_file():
+                    self._prefill_cache(self.root / target)
+            with _dvc_errors(", ".join(targets)):
+                # relink=False: keep the workspace copy, no copy back
+                self.repo.add([str(self.root / t) for t in targets], relink=False)
         except BaseException:
-            _restore(dvcfile, previous)
+            for dvcfile, content in previous.items():
+                _restore(dvcfile, content)
             raise
 
     def _prefill_cache(self, path: Path) -> None:

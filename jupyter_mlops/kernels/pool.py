@@ -106,12 +106,16 @@ class KernelPool:
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 60.0,
+        max_starting: int | None = None,
     ) -> None:
         self.kernel_name = kernel_name
         self.size = max(0, size)
         self.cwd = str(Path(cwd).resolve()) if cwd else os.getcwd()
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
+        # Starting a kernel is CPU-bound (an interpreter and ipykernel's imports): starting many at
+        # once on a small machine makes each later, the first one most of all.
+        self.max_starting = max_starting or max(1, (os.cpu_count() or 2) // 2)
         self._ready: collections.deque[PooledKernel] = collections.deque()
         self._claimed: set[int] = set()  # id() of claimed, unreleased kernels
         self._kernels: dict[int, PooledKernel] = {}
@@ -245,7 +249,8 @@ class KernelPool:
 
     def _fill(self) -> None:
         with self._cond:
-            while not self._closed and len(self._ready) + self._starting < self.size:
+            while (not self._closed and len(self._ready) + self._starting < self.size
+                   and self._starting < self.max_starting):
                 self._start_one_locked()
 
     def _start_one_locked(self) -> None:
@@ -299,7 +304,9 @@ class KernelPool:
                 self._ready.append(kernel)
                 self._starting -= 1
                 self._cond.notify_all()
-                return
+        if not closed:
+            self._fill()  # the next one, now that this start is done
+            return
         try:  # the pool closed while this kernel started: it never serves anyone
             await manager.shutdown_kernel(now=True)
         except Exception as e:

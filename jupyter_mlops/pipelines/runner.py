@@ -221,6 +221,7 @@ class _Runner:
         self._running: dict[str, Any] = {}  # step -> claimed kernel
         self.parent: Any = None  # the pipeline's tracking run
         self._tracking_started = False
+        self._first_claim = threading.Event()
         self._tracking_lock = threading.Lock()
         self.context: Any = None
         self.outputs_dir = config.embedded_dir / "pipelines" / self.result.run_id
@@ -294,20 +295,29 @@ class _Runner:
     # -- cache ------------------------------------------------------------------------------------
 
     def _prewarm_data(self) -> None:
-        """Import papermill and DVC (a second or more) while the first kernels start, rather
-        than inside the first step."""
-        modules = ["papermill", "nbclient", "jupyter_mlops.pipelines.notebook"]
-        if any(self.spec.steps[n].outputs for n, s in self.result.steps.items() if s.status == "pending"):
-            modules += ["dvc.repo", "dvc_data.hashfile.build"]
+        """Import papermill at once and DVC once the first kernel is claimed (together they are
+        seconds of CPU that would otherwise fall inside the first steps; on a small machine they
+        must not slow the first kernel's start either)."""
+        versioned = any(self.spec.steps[n].outputs for n, s in self.result.steps.items() if s.status == "pending")
 
         def load() -> None:
             import importlib
 
-            for name in modules:
-                try:
+            try:  # this thread only (Linux: a thread is a task): the steps' kernels go first
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except (AttributeError, OSError):
+                pass
+            try:
+                for name in ("papermill", "nbclient", "jupyter_mlops.pipelines.notebook"):
                     importlib.import_module(name)
-                except Exception:  # only a head start: the real import reports any problem
+                if not versioned or not self._first_claim.wait(300) or self.cancel.is_set():
                     return
+                from ..data import api
+
+                with cache.DATA_LOCK:
+                    api._project(self.base).repo  # noqa: B018 - opens the DVC repo (and imports dvc)
+            except Exception:  # only a head start: the real use reports any problem
+                return
 
         threading.Thread(target=load, name="mlops-prewarm", daemon=True).start()
 
@@ -404,12 +414,12 @@ class _Runner:
         pool = self._ensure_pool()
         # keep only as many kernels starting as there are steps left to claim them
         if self._own_pool:
-            waiting = sum(1 for s in self.result.steps.values() if s.status == "pending")
-            pool.size = min(self.workers, waiting)
+            pool.size = min(self.workers, self._frontier())
         try:
             kernel = pool.claim()
         except KernelStartError as e:
             raise StepFailed(str(e)) from e
+        self._first_claim.set()
         self._running[step.name] = kernel
         timer = None
         timed_out = threading.Event()
@@ -508,6 +518,18 @@ class _Runner:
                 self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, to_run)), cwd=self.base)
             return self.pool
 
+
+    def _frontier(self) -> int:
+        """Steps that will want a kernel soon: pending, with everything they need running or
+        done. Kernels for steps further down would only take CPU from the running ones."""
+        soon = 0
+        for name, res in self.result.steps.items():
+            if res.status != "pending":
+                continue
+            parents = [self.result.steps.get(p) for p in self.dag.parents[name]]
+            if all(p is None or p.status in ("running", *DONE_OK) for p in parents):
+                soon += 1
+        return soon
 
     def _interrupt_running(self) -> None:
         pool = self.pool

@@ -251,6 +251,13 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     if workers < 1:
         raise PipelineSpecError(shown, top["workers"].line, "workers must be at least 1")
     schedule = _expect(top["schedule"], (str,), "schedule", shown) if "schedule" in top else None
+    if schedule is not None:
+        from .cron import CronError, parse
+
+        try:
+            parse(schedule)
+        except CronError as e:
+            raise PipelineSpecError(shown, top["schedule"].line, f"schedule: {e.problem}") from e
     overrides = dict(overrides or {})
     spec = PipelineSpec(file.resolve(), str(_plain(top["name"])) if "name" in top else file.resolve().parent.name,
                         pipeline_params, schedule, workers, {})

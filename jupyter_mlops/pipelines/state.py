@@ -31,11 +31,17 @@ class StateError(MlopsError):
 
 
 _SCHEMAS: list[tuple[str, ...]] = []
+_stores: dict[str, "StateStore"] = {}
 
 
 def register_schema(*statements: str) -> None:
-    """Tables (``CREATE TABLE IF NOT EXISTS ...``) a module keeps in the store."""
+    """Tables (``CREATE TABLE IF NOT EXISTS ...``) a module keeps in the store; created in the
+    stores opened from now on and in those already open (whatever the import order)."""
     _SCHEMAS.append(statements)
+    for store in list(_stores.values()):
+        with store.transaction() as tx:
+            for sql in statements:
+                tx.execute(sql)
 
 
 register_schema(
@@ -193,9 +199,6 @@ def _shown(url: str) -> str:
 def dumps(value: Any) -> str:
     """Canonical JSON for columns that hold structures."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-_stores: dict[str, StateStore] = {}
 
 
 def open_store(url: str) -> StateStore:

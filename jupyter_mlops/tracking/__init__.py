@@ -5,22 +5,6 @@ uploads to MLflow in batches. See docs/tracking.md for the design. Importing thi
 import mlflow.
 """
 
-from .run import (
-    Run,
-    active_run,
-    end_run,
-    flush,
-    last_run,
-    log_artifact,
-    log_metric,
-    log_metrics,
-    log_param,
-    log_params,
-    set_tag,
-    set_tags,
-    start_run,
-)
-
 __all__ = [
     "Run",
     "active_run",
@@ -36,3 +20,15 @@ __all__ = [
     "set_tags",
     "start_run",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The API lives in .run; imported on first use, so ``jupyter_mlops.tracking.context`` and
+    friends (a pipeline's no-op re-run) do not pay for it."""
+    if name in __all__:
+        from . import run
+
+        value = getattr(run, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -203,6 +203,22 @@ def serve(spool_dir: Path, idle_timeout: float, max_linger: float) -> int:
     return 0
 
 
+def _background_priority() -> None:
+    """The uploader gives way to the kernels and pipeline steps that feed it (importing mlflow
+    alone is seconds of CPU): it runs only on CPU time nobody else wants (Linux SCHED_IDLE), else
+    at nice 10. Its data is durable in the spool, so late is fine; starved is not possible, since
+    an idle CPU comes as soon as the work it waits behind is done."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -214,11 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     idle = float(os.environ.get("MLOPS_FLUSHER_IDLE", "5"))
     linger = float(os.environ.get("MLOPS_FLUSHER_LINGER", "900"))
-    try:
-        # A background uploader: it gives way to the kernels and pipeline steps that feed it
-        # (importing mlflow alone is seconds of CPU). Uploads are durable in the spool; late is fine.
-        os.nice(int(os.environ.get("MLOPS_FLUSHER_NICE", "10")))
-    except (OSError, ValueError):
-        pass
+    _background_priority()
     return serve(Path(argv[0]), idle, linger)
 
