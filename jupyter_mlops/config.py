@@ -124,6 +124,12 @@ class MlopsConfig(Configurable):
         "not answer never fails the pipeline). Env: MLOPS_PIPELINE_WEBHOOK_URL.",
     ).tag(config=True)
 
+    pipeline_executor = Unicode(
+        "local",
+        help="Where pipeline steps run: the name of an executor in the `jupyter_mlops.executors` "
+        "entry points (`local`: kernels on this machine).",
+    ).tag(config=True)
+
     pipeline_workers = Integer(
         0,
         help="Steps of one pipeline run at once; 0: the pipeline's own `workers:` (default 2).",

@@ -6,6 +6,8 @@ do about it, in one or two lines, so faces (magics, CLI, REST) can show ``str(er
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "MlopsError",
     "ConfigError",
@@ -23,6 +25,13 @@ __all__ = [
     "UnknownRevisionError",
     "RemoteError",
     "PipelineSpecError",
+    "StepInputError",
+    "CronError",
+    "NotebookFailed",
+    "ScheduleError",
+    "UnknownScheduleError",
+    "StateError",
+    "KernelStartError",
 ]
 
 
@@ -149,3 +158,51 @@ class PipelineSpecError(MlopsError):
         self.line = line
         where = f"{file}:{line}" if line else file
         super().__init__(f"{where}: {message}")
+
+
+class StepInputError(MlopsError):
+    """A step's input is missing (and no step of this run writes it)."""
+
+
+class CronError(MlopsError, ValueError):
+    """A cron expression (or its time zone) that cannot be used; the message says the fix."""
+
+    def __init__(self, text: str | None, problem: str, *, field: str | None = None, value: str | None = None) -> None:
+        self.text = text
+        self.problem = problem
+        self.field = field
+        self.value = value
+        super().__init__(problem if text is None else f"cron {text!r}: {problem}")
+
+
+class NotebookFailed(MlopsError):
+    """A cell raised. Carries the failing cell and keeps the partial output notebook."""
+
+    def __init__(self, notebook: Path, output: Path, cell_index: int | None, error: str) -> None:
+        self.notebook = notebook
+        self.output = output
+        self.cell_index = cell_index
+        self.error = error
+        where = f"cell {cell_index}" if cell_index is not None else "a cell"
+        super().__init__(f"{notebook}: {where} raised {error}. The partial output is in {output}.")
+
+
+class ScheduleError(MlopsError):
+    """A schedule that cannot be added or changed; the message says what to do."""
+
+
+class UnknownScheduleError(ScheduleError):
+    def __init__(self, schedule_id: str, known: list[str]) -> None:
+        self.schedule_id = schedule_id
+        self.known = known
+        hint = (f"known: {', '.join(known)}" if known
+                else "there are none; add one with `jupyter mlops schedule add PIPELINE.yaml`")
+        super().__init__(f"no schedule {schedule_id!r}; {hint}")
+
+
+class StateError(MlopsError):
+    """The state database cannot be opened or written."""
+
+
+class KernelStartError(MlopsError):
+    """A kernel could not be started (bad kernel spec, the interpreter failed, a timeout)."""

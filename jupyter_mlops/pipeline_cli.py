@@ -111,11 +111,12 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return _report(result, progress)
 
 
-def _store() -> Any:
+def _history() -> Any:
     from .config import load_config
+    from .pipelines.history import RunHistory
     from .pipelines.state import open_store
 
-    return open_store(load_config().resolved_pipeline_state_url)
+    return RunHistory(open_store(load_config().resolved_pipeline_state_url))
 
 
 def _when(ts: float | None) -> str:
@@ -131,17 +132,14 @@ def _took(start: float | None, end: float | None) -> str:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .errors import MlopsError
 
-    store = _store()
-    if args.run_id:
-        rows = store.query("SELECT * FROM pipeline_runs WHERE id = ?", (args.run_id,))
-        if not rows:
-            raise MlopsError(f"no pipeline run {args.run_id!r}; see `jupyter mlops pipeline list`")
-    else:
-        rows = store.query("SELECT * FROM pipeline_runs ORDER BY started DESC LIMIT 1")
-        if not rows:
-            print("no pipeline has run here yet: jupyter mlops pipeline run PIPELINE.yaml")
-            return 0
-    run = rows[0]
+    history = _history()
+    run = history.run(args.run_id) if args.run_id else history.latest()
+    if run is None:
+        if args.run_id:
+            raise MlopsError(f"no pipeline run {args.run_id!r}; {history.unknown_run_hint()} "
+                             "(jupyter mlops pipeline list)")
+        print("no pipeline has run here yet: jupyter mlops pipeline run PIPELINE.yaml")
+        return 0
     print(f"pipeline {run['pipeline']}  run {run['id']}  {run['status']}  started {_when(run['started'])}  "
           f"took {_took(run['started'], run['ended'])}")
     print(f"  file: {run['file']}")
@@ -150,7 +148,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("  parameters: " + " ".join(f"{k}={v}" for k, v in params.items()))
     if run["resumed_from"]:
         print(f"  resumes: {run['resumed_from']}")
-    steps = store.query("SELECT * FROM step_runs WHERE run_id = ? ORDER BY started", (run["id"],))
+    steps = history.steps(run["id"])
     width = max((len(s["step"]) for s in steps), default=4)
     print(f"  {'step':<{width}}  {'status':<10} {'time':>8}  attempts  note")
     for s in steps:
@@ -160,21 +158,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    store = _store()
-    if args.pipeline:
-        rows = store.query("SELECT * FROM pipeline_runs WHERE pipeline = ? ORDER BY started DESC LIMIT ?",
-                           (args.pipeline, args.limit))
-    else:
-        rows = store.query("SELECT * FROM pipeline_runs ORDER BY started DESC LIMIT ?", (args.limit,))
+    history = _history()
+    rows = history.recent(args.limit, args.pipeline)
     if not rows:
         print("no pipeline runs yet: jupyter mlops pipeline run PIPELINE.yaml")
         return 0
-    counts: dict[str, dict[str, int]] = {}
-    ids = [r["id"] for r in rows]
-    marks = ", ".join("?" for _ in ids)
-    for s in store.query(f"SELECT run_id, status, COUNT(*) AS n FROM step_runs WHERE run_id IN ({marks}) "
-                         "GROUP BY run_id, status", ids):
-        counts.setdefault(s["run_id"], {})[s["status"]] = s["n"]
+    counts = history.step_counts(r["id"] for r in rows)
     print(f"{'run':<23} {'pipeline':<16} {'status':<10} {'started':<19} {'time':>8}  steps")
     for r in rows:
         steps = ", ".join(f"{n} {k}" for k, n in sorted(counts.get(r["id"], {}).items()))

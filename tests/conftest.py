@@ -89,6 +89,20 @@ def mlops_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 
 
 @pytest.fixture(autouse=True)
+def mlops_no_leftover_store() -> Iterator[None]:
+    """State stores a test opened are closed after it (the process caches one per URL)."""
+    from jupyter_mlops.pipelines import state
+
+    known = set(state._stores)
+    yield
+    for url in set(state._stores) - known:
+        try:
+            state._stores.pop(url).close()
+        except Exception:  # a PostgreSQL database the test dropped: nothing left to close
+            pass
+
+
+@pytest.fixture(autouse=True)
 def mlops_no_leftover_run() -> Iterator[None]:
     """Each test starts with no active run in this process, whatever the last one left."""
     from jupyter_mlops.tracking import run as run_module

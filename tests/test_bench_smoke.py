@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
         ("tracking", {"caller_us_per_metric", "end_to_end_us_per_metric", "track_startup_s", "track_rss_mib"},
          {"vs_mlflow_sync", "vs_log_batch"}),
         ("data", {"add_mb_per_s", "md5_limit_mb_per_s", "unchanged_check_s"}, {"vs_dvc_add", "vs_dvc_status"}),
+        ("pipelines", {"pipeline_s", "step_overhead_s", "noop_rerun_s", "papermill_cli_s", "dvc_repro_noop_s",
+                       "papermill_inproc_s"}, {"vs_papermill_cli", "vs_dvc_repro_noop", "vs_papermill_inproc"}),
     ],
 )
 def test_bench_quick_runs_and_reports(bench: str, metrics: set[str], ratios: set[str]) -> None:

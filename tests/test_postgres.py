@@ -5,8 +5,6 @@ Skipped, with the reason, where no PostgreSQL server answers.
 
 from __future__ import annotations
 
-import uuid
-from typing import Iterator
 
 import pytest
 

@@ -540,14 +540,11 @@ def test_a_real_process_holds_the_lease_until_it_exits(mlops_open: Callable[[], 
 
 @pytest.fixture
 def mlops_pipeline(mlops_project: Project) -> Iterator[Path]:
-    """A one-step pipeline with a `schedule:`, in a project whose state stores are closed after."""
+    """A one-step pipeline with a `schedule:` (stores opened are closed by mlops_no_leftover_store)."""
     make_notebook(mlops_project.root / "step.ipynb", ["pass"], parameters="seed = 0")
     path = mlops_project.root / "pipeline.yaml"
     path.write_text('name: nightly\nschedule: "30 2 * * *"\nsteps:\n  step:\n    notebook: step.ipynb\n')
-    known = set(state._stores)
     yield path
-    for url in set(state._stores) - known:
-        state._stores.pop(url).close()
 
 
 def test_cli_add_list_pause_resume_remove(mlops_pipeline: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -601,7 +598,9 @@ def test_cli_scheduler_once(mlops_pipeline: Path, capsys: pytest.CaptureFixture[
     assert main(["schedule", "add", str(mlops_pipeline)]) == 0
     assert main(["scheduler", "--once"]) == 0
     assert capsys.readouterr().out.endswith("Nothing due.\n")
-    store = state._stores[next(iter(u for u in state._stores if u.endswith(".mlops/pipelines.db")))]
+    from jupyter_mlops.config import load_config
+
+    store = state.open_store(load_config().resolved_pipeline_state_url)  # the one the CLI used
     with store.transaction() as tx:  # make it due now on the real clock
         tx.execute("UPDATE schedules SET next_fire = ?", [datetime.now(UTC).timestamp() - 5])
     launcher.on_launch = lambda: launcher.runs[-1].finish(0)

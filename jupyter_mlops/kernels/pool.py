@@ -29,15 +29,11 @@ from typing import Any, Mapping
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from ..errors import MlopsError
+from ..errors import KernelStartError
 
 __all__ = ["KernelPool", "PooledKernel", "ReadyKernelClient", "KernelStartError"]
 
 log = logging.getLogger("jupyter_mlops.kernels")
-
-
-class KernelStartError(MlopsError):
-    """A kernel could not be started (bad kernel spec, the interpreter failed, a timeout)."""
 
 
 class ReadyKernelClient(AsyncKernelClient):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import MlopsError, NotInRepoError, NotTrackedError, OutsideRepoError
+from ..errors import MlopsError, NotInRepoError, NotTrackedError, OutsideRepoError, StepInputError
 from .spec import StepSpec
 
 __all__ = ["code_digest", "environment_digest", "input_versions", "step_key", "outputs_unchanged", "CacheEntry",
@@ -31,10 +31,6 @@ __all__ = ["code_digest", "environment_digest", "input_versions", "step_key", "o
 
 #: DVC is not thread-safe: every data call of the runner goes through this lock.
 DATA_LOCK = threading.RLock()
-
-
-class StepInputError(MlopsError):
-    """A step's input is missing (and no step of this run writes it)."""
 
 
 def code_digest(notebook: Path) -> str:

@@ -29,20 +29,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
 
-from ..errors import MlopsError
+from ..errors import CronError
 
 __all__ = ["CronError", "CronSchedule", "parse", "zone"]
-
-
-class CronError(MlopsError, ValueError):
-    """A cron expression (or its time zone) that cannot be used; the message says the fix."""
-
-    def __init__(self, text: str | None, problem: str, *, field: str | None = None, value: str | None = None) -> None:
-        self.text = text
-        self.problem = problem
-        self.field = field
-        self.value = value
-        super().__init__(problem if text is None else f"cron {text!r}: {problem}")
 
 
 @dataclass(frozen=True)

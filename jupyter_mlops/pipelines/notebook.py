@@ -16,23 +16,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..config import MlopsConfig, load_config
-from ..errors import MlopsError
+from ..errors import MlopsError, NotebookFailed
 from ..tracking import flusher
 from ..tracking.ledger import SpooledRun, spooled_runs
 
 __all__ = ["NotebookResult", "NotebookFailed", "run_notebook", "execute_on_kernel"]
-
-
-class NotebookFailed(MlopsError):
-    """A cell raised. Carries the failing cell and keeps the partial output notebook."""
-
-    def __init__(self, notebook: Path, output: Path, cell_index: int | None, error: str) -> None:
-        self.notebook = notebook
-        self.output = output
-        self.cell_index = cell_index
-        self.error = error
-        where = f"cell {cell_index}" if cell_index is not None else "a cell"
-        super().__init__(f"{notebook}: {where} raised {error}. The partial output is in {output}.")
 
 
 @dataclass

@@ -21,11 +21,9 @@ import concurrent.futures as futures
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -33,69 +31,16 @@ from ..config import MlopsConfig, load_config
 from ..errors import MlopsError, PipelineSpecError
 from . import cache
 from .dag import Dag, build_dag
+from .executor import Cancelled, StepExecutor, StepFailed, create_executor
 from .spec import PipelineSpec, StepSpec, load_pipeline
-from .state import StateStore, dumps, open_store
+from .history import RunHistory
+from .results import DONE_OK, STEP_STATES, PipelineResult, StepResult
+from .recording import PipelineRecorder
+from .state import open_store
 
 __all__ = ["run_pipeline", "resume_pipeline", "PipelineResult", "StepResult", "STEP_STATES"]
 
 log = logging.getLogger("jupyter_mlops.pipelines")
-
-#: pending -> running -> succeeded | failed | cancelled; or cached (skipped by the cache),
-#: blocked (a step it needs failed), kept (resume: reused from the run being resumed)
-STEP_STATES = ("pending", "running", "succeeded", "failed", "cached", "blocked", "cancelled", "kept")
-DONE_OK = frozenset({"succeeded", "cached", "kept"})
-
-
-@dataclass
-class StepResult:
-    name: str
-    status: str = "pending"
-    attempts: int = 0
-    started: float | None = None
-    ended: float | None = None
-    cell: tuple[int, int] | None = None
-    error: str | None = None
-    output_notebook: str | None = None
-    cache_key: str | None = None
-    spool_id: str | None = None
-    cached_from: str | None = None
-    inputs: dict[str, str] = field(default_factory=dict)  # input path -> md5 the key was made of
-
-    @property
-    def duration(self) -> float | None:
-        if self.started is None:
-            return None
-        return (self.ended or time.time()) - self.started
-
-
-@dataclass
-class PipelineResult:
-    run_id: str
-    pipeline: str
-    file: str
-    status: str = "running"  # running | succeeded | failed | cancelled
-    started: float = field(default_factory=time.time)
-    ended: float | None = None
-    steps: dict[str, StepResult] = field(default_factory=dict)
-    spool_id: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "succeeded"
-
-    def count(self, status: str) -> int:
-        return sum(1 for s in self.steps.values() if s.status == status)
-
-
-class StepFailed(Exception):
-    def __init__(self, message: str, output: Path | None = None) -> None:
-        super().__init__(message)
-        self.output = output
-
-
-class Cancelled(Exception):
-    pass
-
 
 Listener = Callable[[PipelineResult, StepResult], None]
 
@@ -137,29 +82,24 @@ def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener:
     The others are ``kept``: their outputs must still be the versions that run produced.
     """
     config = config or load_config()
-    store = open_store(config.resolved_pipeline_state_url)
-    rows = store.query("SELECT * FROM pipeline_runs WHERE id = ?", (run_id,))
-    if not rows:
-        recent = [r["id"] for r in store.query("SELECT id FROM pipeline_runs ORDER BY started DESC LIMIT 5")]
-        raise MlopsError(f"no pipeline run {run_id!r}" + (f"; recent runs: {', '.join(recent)}" if recent else
-                         "; no pipeline has run here yet") + " (jupyter mlops pipeline list)")
-    row = rows[0]
+    history = RunHistory(open_store(config.resolved_pipeline_state_url))
+    row = history.run(run_id)
+    if row is None:
+        raise MlopsError(f"no pipeline run {run_id!r}; {history.unknown_run_hint()} (jupyter mlops pipeline list)")
     if row["status"] == "running":
         raise MlopsError(f"pipeline run {run_id} is still running (pid {row['pid']} on {row['host']}); "
                          "resume it once it has stopped")
-    steps = {r["step"]: r for r in store.query("SELECT * FROM step_runs WHERE run_id = ?", (run_id,))}
+    steps = {r["step"]: r for r in history.steps(run_id)}
     parameters = json.loads(row["parameters"])
     spec = load_pipeline(row["file"], parameters)
     dag = build_dag(spec)
-    previous = set(steps) & set(spec.steps)
+    previous = set(steps) & set(spec.steps)  # the steps that run selected (all, or its --only)
     redo = {name for name in previous if steps[name]["status"] not in DONE_OK}
-    redo |= set(spec.steps) - previous if previous else set()
     if not redo:
         raise MlopsError(f"pipeline run {run_id} has nothing to resume: every step succeeded")
     options = json.loads(row["options"] or "{}")
-    selected_before = set(previous)
-    closure = dag.downstream(redo) & (selected_before | redo)
-    kept = {name: steps[name] for name in selected_before - closure if steps[name]["status"] in DONE_OK}
+    closure = dag.downstream(redo) & previous
+    kept = {name: steps[name] for name in previous - closure}
     runner = _Runner(spec, dag, config, selected=closure, force=False, workers=workers, listener=listener,
                      schedule_id=row["schedule_id"], kernel_name=kernel_name, retry_backoff=retry_backoff,
                      parameters=parameters, options={**options, "resumed": run_id}, resumed_from=run_id, kept=kept)
@@ -201,7 +141,8 @@ class _Runner:
         self.kernel_name = kernel_name
         self.retry_backoff = retry_backoff
         self.base = spec.file.parent
-        self.store: StateStore = open_store(config.resolved_pipeline_state_url)
+        self.history = RunHistory(open_store(config.resolved_pipeline_state_url))
+        self.cancel = threading.Event()
         self.result = PipelineResult(_new_run_id(), spec.name, str(spec.file))
         for name in dag.order():
             if name in selected:
@@ -214,24 +155,20 @@ class _Runner:
         self.parameters = parameters
         self.options = options
         self.resumed_from = resumed_from
-        self.cancel = threading.Event()
-        self.pool: Any = pool
-        self._own_pool = pool is None
-        self._pool_lock = threading.Lock()
-        self._running: dict[str, Any] = {}  # step -> claimed kernel
-        self.parent: Any = None  # the pipeline's tracking run
-        self._tracking_started = False
-        self._first_claim = threading.Event()
-        self._tracking_lock = threading.Lock()
-        self.context: Any = None
+        self.executor: StepExecutor = create_executor(
+            config.pipeline_executor, base=self.base, kernel_name=kernel_name, workers=self.workers,
+            cancel=self.cancel, **({"pool": pool} if pool is not None else {}))
+        self.recorder = PipelineRecorder(spec, config, self.result.run_id, parameters=parameters,
+                                         schedule_id=schedule_id, resumed_from=resumed_from)
         self.outputs_dir = config.embedded_dir / "pipelines" / self.result.run_id
 
     # -- the whole run ----------------------------------------------------------------------------
 
     def run(self) -> PipelineResult:
-        self._record_start()
+        self.history.start(self.result, parameters=self.parameters, options=self.options,
+                           resumed_from=self.resumed_from, schedule_id=self.schedule_id)
         if self.force or self._likely_misses():
-            self._ensure_pool()
+            self.executor.prepare(sum(1 for s in self.result.steps.values() if s.status == "pending"))
             self._prewarm_data()
         try:
             self._loop()
@@ -263,7 +200,7 @@ class _Runner:
                             if state == "blocked":
                                 self._set(name, "blocked", error="a step it needs did not succeed")
                             elif not self._decided_without_running(name):
-                                self._ensure_pool()  # queued steps wait for a free worker
+                                # queued steps wait for a free worker
                                 running[executor.submit(self._run_step, name)] = name
                     if not running:
                         if pending:  # nothing runs and nothing can start: unreachable with a valid DAG
@@ -310,7 +247,8 @@ class _Runner:
             try:
                 for name in ("papermill", "nbclient", "jupyter_mlops.pipelines.notebook"):
                     importlib.import_module(name)
-                if not versioned or not self._first_claim.wait(300) or self.cancel.is_set():
+                first_claim = getattr(self.executor, "first_claim", None)
+                if not versioned or (first_claim is not None and not first_claim.wait(300)) or self.cancel.is_set():
                     return
                 from ..data import api
 
@@ -327,8 +265,7 @@ class _Runner:
         names = [n for n, s in self.result.steps.items() if s.status == "pending"]
         if not names:
             return False
-        rows = self.store.query("SELECT step FROM step_cache WHERE pipeline_file = ?", (str(self.spec.file),))
-        return bool(set(names) - {r["step"] for r in rows})
+        return bool(set(names) - self.history.cached_steps(str(self.spec.file)))
 
     def _decided_without_running(self, name: str) -> bool:
         """True when the step is settled here: a cache hit, or an input is missing (failed)."""
@@ -343,12 +280,8 @@ class _Runner:
         self.result.steps[name].inputs = inputs
         if self.force:
             return False
-        rows = self.store.query("SELECT * FROM step_cache WHERE pipeline_file = ? AND step = ?",
-                                (str(self.spec.file), name))
-        if not rows or rows[0]["cache_key"] != key:
-            return False
-        entry = cache.CacheEntry(key, json.loads(rows[0]["outputs"]), rows[0]["run_id"], rows[0]["spool_id"])
-        if not cache.outputs_unchanged(entry, self.base):
+        entry = self.history.cache_entry(str(self.spec.file), name)
+        if entry is None or entry.key != key or not cache.outputs_unchanged(entry, self.base):
             return False
         self._set(name, "cached", cached_from=entry.run_id, spool_id=entry.spool_id)
         return True
@@ -366,9 +299,9 @@ class _Runner:
                 if self.cancel.is_set():
                     raise Cancelled()
                 res.attempts = attempt
-                self._save_step(res)
+                self.history.save_step(self.result.run_id, res)
                 try:
-                    output = self._attempt(step, res, run, attempt)
+                    output = self._attempt(step, res, attempt)
                     break
                 except StepFailed as e:
                     output = e.output or output
@@ -382,90 +315,43 @@ class _Runner:
                     if self.cancel.wait(delay):
                         raise Cancelled() from None
             versions = self._version_outputs(step)
-            if run is not None:
-                for version in versions:
-                    run.log_dataset(version.to_json(), "output")
-                self._log_notebook(run, output)
-                run.end("FINISHED", log_notebook=False)
+            self.recorder.succeeded(run, output, versions)
             self._store_cache(step, res, versions)
             res.output_notebook = str(output) if output else None
             self._set(name, "succeeded", ended=time.time(), error=None)
         except Cancelled:
-            self._end_run(run, output, "KILLED", "cancelled")
+            self.recorder.ended(run, output, "KILLED", "cancelled")
             self._set(name, "cancelled", ended=time.time(), error="cancelled")
         except StepFailed as e:
-            self._end_run(run, e.output or output, "FAILED", str(e))
             res.output_notebook = str(e.output or output) if (e.output or output) else None
-            self._set(name, "failed", ended=time.time(), error=str(e))
-        except MlopsError as e:  # versioning the outputs failed, a kernel could not start, ...
-            if self.cancel.is_set():
-                self._end_run(run, output, "KILLED", "cancelled")
+            if self.cancel.is_set():  # it failed because the run is being cancelled
+                self.recorder.ended(run, e.output or output, "KILLED", "cancelled")
                 self._set(name, "cancelled", ended=time.time(), error="cancelled")
             else:
-                self._end_run(run, output, "FAILED", str(e))
+                self.recorder.ended(run, e.output or output, "FAILED", str(e))
+                self._set(name, "failed", ended=time.time(), error=str(e))
+        except MlopsError as e:  # versioning the outputs failed, a kernel could not start, ...
+            if self.cancel.is_set():
+                self.recorder.ended(run, output, "KILLED", "cancelled")
+                self._set(name, "cancelled", ended=time.time(), error="cancelled")
+            else:
+                self.recorder.ended(run, output, "FAILED", str(e))
                 self._set(name, "failed", ended=time.time(), error=str(e))
 
-    def _attempt(self, step: StepSpec, res: StepResult, run: Any, attempt: int) -> Path:
-        from ..kernels.pool import KernelStartError
-        from .notebook import execute_on_kernel
-
+    def _attempt(self, step: StepSpec, res: StepResult, attempt: int) -> Path:
         out = self.outputs_dir / (f"{_safe(step.name)}.ipynb" if attempt == 1 else f"{_safe(step.name)}.attempt{attempt}.ipynb")
         out.parent.mkdir(parents=True, exist_ok=True)
-        pool = self._ensure_pool()
-        # keep only as many kernels starting as there are steps left to claim them
-        if self._own_pool:
-            pool.size = min(self.workers, self._frontier())
-        try:
-            kernel = pool.claim()
-        except KernelStartError as e:
-            raise StepFailed(str(e)) from e
-        self._first_claim.set()
-        self._running[step.name] = kernel
-        timer = None
-        timed_out = threading.Event()
-        if step.timeout:
-            def expire() -> None:
-                timed_out.set()
-                pool.interrupt(kernel)
-                grace = threading.Timer(5.0, lambda: pool.release_soon(kernel))
-                grace.daemon = True
-                grace.start()
-            timer = threading.Timer(step.timeout, expire)
-            timer.daemon = True
-            timer.start()
-        try:
-            failure = execute_on_kernel(
-                step.notebook, out, step.parameters, kernel.manager, self.kernel_name,
-                setup=self._setup_code(step, res, out),
-                on_cell=lambda n, m: self._cell(res, n, m),
-            )
-        except Exception as e:  # the kernel died, was shut down (timeout, Ctrl-C), or papermill failed
-            if self.cancel.is_set():
-                raise Cancelled() from e
-            if timed_out.is_set():
-                raise StepFailed(f"timed out after {step.timeout:g} s; the partial output is in {out}", out) from e
-            raise StepFailed(f"{type(e).__name__}: {e}; the partial output is in {out}", out) from e
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._running.pop(step.name, None)
-            pool.release_soon(kernel)
-        if failure is not None:
-            if self.cancel.is_set():
-                raise Cancelled()
-            if timed_out.is_set():
-                raise StepFailed(f"timed out after {step.timeout:g} s in cell {failure.cell_index}; "
-                                 f"the partial output is in {out}", out)
-            raise StepFailed(f"cell {failure.cell_index} raised {failure.error}; the partial output is in {out}", out)
+        self.executor.expect(self._frontier())
+        self.executor.run(step, self._step_env(step, res, out), out, lambda n, m: self._cell(res, n, m))
         missing = [rel for rel in step.outputs if not (self.base / rel).exists()]
         if missing:
             raise StepFailed(f"the notebook ran but did not write its declared output(s) {', '.join(missing)}", out)
         return out
 
-    def _setup_code(self, step: StepSpec, res: StepResult, out: Path) -> str:
+    def _step_env(self, step: StepSpec, res: StepResult, out: Path) -> dict[str, str]:
+        """What the step's process must know: where to track, which run is its own."""
         from .notebook import _parameters_json
 
-        # A pooled kernel started before this run existed: everything it must know comes here.
         env = {
             "MLOPS_PROJECT_ROOT": str(self.config.root),
             "MLOPS_SPOOL_DIR": str(self.config.resolved_spool_dir),
@@ -479,7 +365,7 @@ class _Runner:
         }
         if res.spool_id:
             env["MLOPS_ATTACH_SPOOL_ID"] = res.spool_id
-        return f"import os as _os\n_os.environ.update({json.dumps(env)})\n_os.chdir({json.dumps(str(self.base))})\ndel _os"
+        return env
 
     def _cell(self, res: StepResult, n: int, m: int) -> None:
         res.cell = (n, m)
@@ -497,27 +383,12 @@ class _Runner:
                 raise MlopsError(f"step {step.name}: its outputs could not be versioned: {e}") from e
 
     def _store_cache(self, step: StepSpec, res: StepResult, versions: list[Any]) -> None:
-        if res.cache_key is None:
-            return
-        outputs = {rel: v.md5 for rel, v in zip(step.outputs, versions)}
-        with self.store.transaction() as tx:
-            tx.execute("DELETE FROM step_cache WHERE pipeline_file = ? AND step = ?", (str(self.spec.file), step.name))
-            tx.execute("INSERT INTO step_cache (pipeline_file, step, cache_key, outputs, run_id, spool_id, created) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (str(self.spec.file), step.name, res.cache_key, dumps(outputs), self.result.run_id,
-                        res.spool_id, time.time()))
+        if res.cache_key is not None:
+            outputs = {rel: v.md5 for rel, v in zip(step.outputs, versions)}
+            entry = cache.CacheEntry(res.cache_key, outputs, self.result.run_id, res.spool_id)
+            self.history.store_cache(str(self.spec.file), step.name, entry)
 
     # -- kernels ----------------------------------------------------------------------------------
-
-    def _ensure_pool(self) -> Any:
-        with self._pool_lock:
-            if self.pool is None:
-                from ..kernels.pool import KernelPool
-
-                to_run = sum(1 for s in self.result.steps.values() if s.status == "pending")
-                self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, to_run)), cwd=self.base)
-            return self.pool
-
 
     def _frontier(self) -> int:
         """Steps that will want a kernel soon: pending, with everything they need running or
@@ -531,121 +402,33 @@ class _Runner:
                 soon += 1
         return soon
 
-    def _interrupt_running(self) -> None:
-        pool = self.pool
-        if pool is None:
-            return
-        for kernel in list(self._running.values()):
-            pool.interrupt(kernel)
-
     def _cancel_all(self) -> None:
         self.cancel.set()
-        self._interrupt_running()
-        if self.pool is not None:
-            if self._own_pool:
-                self.pool.close()  # every kernel it started, claimed or not, is shut down
-            else:
-                for kernel in list(self._running.values()):
-                    self.pool.release(kernel, now=True)
+        self.executor.interrupt()
+        self.executor.close()  # nothing it started outlives the run: the workers return at once
         for res in self.result.steps.values():
             if res.status in ("pending", "running"):
                 self._set(res.name, "cancelled", ended=time.time(), error="cancelled")
 
-    # -- tracking ---------------------------------------------------------------------------------
-
-    def _start_tracking(self) -> None:
-        """The MLflow parent run, made when the first step is about to run: a run where every step
-        is cached or kept did no work, and is recorded in the pipeline state only."""
-        from ..tracking.context import capture
-        from ..tracking.run import create_run
-
-        self.context = capture(None, cwd=self.base)
-        tags = {"mlops.pipeline.name": self.spec.name, "mlops.pipeline.file": str(self.spec.file),
-                "mlops.pipeline.run_id": self.result.run_id}
-        if self.schedule_id:
-            tags["mlops.schedule.id"] = self.schedule_id
-        if self.resumed_from:
-            tags["mlops.pipeline.resumed_from"] = self.resumed_from
-        try:
-            self.parent = create_run(self._experiment(), f"{self.spec.name} {self.result.run_id}", tags=tags,
-                                     params={k: json.dumps(v) if not isinstance(v, str) else v
-                                             for k, v in self.spec.parameters.items()} | {
-                                                 f"-p {k}": str(v) for k, v in self.parameters.items()},
-                                     notebook=None, context=self.context, config=self.config)
-        except MlopsError as e:
-            log.warning("pipeline %s: not tracked (%s)", self.spec.name, e)
-            self.parent = None
-            return
-        self.result.spool_id = self.parent.spool_id
-        with self.store.transaction() as tx:
-            tx.execute("UPDATE pipeline_runs SET spool_id = ? WHERE id = ?", (self.parent.spool_id, self.result.run_id))
-
-    def _experiment(self) -> str:
-        return self.config.experiment_for(str(self.spec.file.with_suffix("")))
+    # -- tracking and state -----------------------------------------------------------------------
 
     def _step_run(self, step: StepSpec, res: StepResult) -> Any:
-        with self._tracking_lock:
-            if self.parent is None and not self._tracking_started:
-                self._tracking_started = True
-                self._start_tracking()
-        if self.parent is None:
-            return None
-        from ..tracking.run import create_run
-
-        tags = dict(self.context.tags) if self.context else {}
-        tags.update({"mlops.pipeline.name": self.spec.name, "mlops.pipeline.run_id": self.result.run_id,
-                     "mlops.step": step.name, "mlops.step.base": step.base, "mlops.cache_key": res.cache_key or "",
-                     "mlflow.source.name": str(step.notebook), "mlflow.source.type": "NOTEBOOK",
-                     "mlops.notebook.path": str(step.notebook)})
-        params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in step.parameters.items()}
-        try:
-            run = create_run(self.parent.header["experiment"], step.name, tags=tags, params=params,
-                             notebook=step.notebook, parent_spool_id=self.parent.spool_id, config=self.config)
-        except MlopsError as e:
-            log.warning("step %s: not tracked (%s)", step.name, e)
-            return None
-        res.spool_id = run.spool_id
+        inputs = {}
         for rel in res.inputs:
-            try:
-                from ..data import api
+            from ..data import api
 
+            try:
                 with cache.DATA_LOCK:
-                    version = api.version(self.base / rel, start=self.base)
-                run.log_dataset(version.to_json(), "input")
+                    inputs[rel] = api.version(self.base / rel, start=self.base)
             except MlopsError:
-                pass  # not a DVC-versioned input: its content md5 is in the cache key only
+                pass  # not versioned by DVC: its content md5 is in the cache key only
+        run = self.recorder.step_run(step, res.cache_key, inputs)
+        if run is not None:
+            res.spool_id = run.spool_id
+            if self.result.spool_id is None and self.recorder.parent_spool_id:
+                self.result.spool_id = self.recorder.parent_spool_id
+                self.history.set_spool(self.result.run_id, self.result.spool_id)
         return run
-
-    def _log_notebook(self, run: Any, output: Path | None) -> None:
-        if run is not None and output is not None and output.is_file():
-            try:
-                run.log_artifact(output, "notebook")
-            except MlopsError as e:
-                log.warning("output notebook %s not logged: %s", output, e)
-
-    def _end_run(self, run: Any, output: Path | None, status: str, error: str) -> None:
-        if run is None or run.ended:
-            return
-        self._log_notebook(run, output)
-        try:
-            run.set_tag("mlops.error", error[:8000])
-        except MlopsError:
-            pass
-        run.end(status, log_notebook=False)
-
-    # -- state ------------------------------------------------------------------------------------
-
-    def _record_start(self) -> None:
-        r = self.result
-        with self.store.transaction() as tx:
-            tx.execute("INSERT INTO pipeline_runs (id, pipeline, file, status, started, parameters, options, "
-                       "resumed_from, schedule_id, host, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (r.run_id, r.pipeline, r.file, "running", r.started, dumps(self.parameters),
-                        dumps(self.options), self.resumed_from, self.schedule_id, socket.gethostname(), os.getpid()))
-            for res in r.steps.values():
-                tx.execute("INSERT INTO step_runs (run_id, step, status, cache_key, spool_id, cached_from) "
-                           "VALUES (?, ?, ?, ?, ?, ?)",
-                           (r.run_id, res.name, res.status, res.cache_key, res.spool_id, res.cached_from))
 
     def _set(self, name: str, status: str, **changes: Any) -> None:
         res = self.result.steps[name]
@@ -656,15 +439,8 @@ class _Runner:
             res.ended = time.time()
             if res.started is None:
                 res.started = res.ended
-        self._save_step(res)
+        self.history.save_step(self.result.run_id, res)
         self._notify_listener(res)
-
-    def _save_step(self, res: StepResult) -> None:
-        with self.store.transaction() as tx:
-            tx.execute("UPDATE step_runs SET status = ?, cache_key = ?, started = ?, ended = ?, attempts = ?, "
-                       "output_notebook = ?, error = ?, spool_id = ?, cached_from = ? WHERE run_id = ? AND step = ?",
-                       (res.status, res.cache_key, res.started, res.ended, res.attempts, res.output_notebook,
-                        res.error, res.spool_id, res.cached_from, self.result.run_id, res.name))
 
     def _notify_listener(self, res: StepResult) -> None:
         if self.listener is not None:
@@ -677,20 +453,9 @@ class _Runner:
         r = self.result
         r.status = status
         r.ended = time.time()
-        if self.pool is not None and self._own_pool:
-            self.pool.close()
-        if self.parent is not None and not self.parent.ended:
-            counts = {s: r.count(s) for s in STEP_STATES if r.count(s)}
-            try:
-                self.parent.set_tags({f"mlops.steps.{k}": str(v) for k, v in counts.items()})
-                for res in r.steps.values():
-                    if res.status in ("cached", "kept") and res.cached_from:
-                        self.parent.set_tag(f"mlops.cached.{_safe(res.name)}", res.cached_from)
-            except MlopsError:
-                pass
-            self.parent.end({"succeeded": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"), log_notebook=False)
-        with self.store.transaction() as tx:
-            tx.execute("UPDATE pipeline_runs SET status = ?, ended = ? WHERE id = ?", (status, r.ended, r.run_id))
+        self.executor.close()
+        self.recorder.finish(r, STEP_STATES)
+        self.history.finish(r.run_id, status, r.ended)
         if status == "failed" and self.config.pipeline_webhook_url:
             from .notify import notify_failure
 

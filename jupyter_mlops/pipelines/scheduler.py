@@ -24,17 +24,16 @@ import re
 import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping
 
-from ..errors import MlopsError
+from ..errors import ScheduleError, UnknownScheduleError
 from .cron import CronError, CronSchedule, parse
+from .launcher import Launcher, RunHandle, SubprocessLauncher, pipeline_argv
 from .state import StateStore, register_schema
 from .state import _shown as _shown_url
 
@@ -82,19 +81,6 @@ register_schema(
 #: Schedule ids double as Kubernetes CronJob names later: DNS labels short enough for the Job suffix.
 _ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
 _RELEASE = ("lease_token = NULL, lease_host = NULL, lease_pid = NULL, lease_expires = NULL, lease_fire = NULL")
-
-
-class ScheduleError(MlopsError):
-    """A schedule that cannot be added or changed; the message says what to do."""
-
-
-class UnknownScheduleError(ScheduleError):
-    def __init__(self, schedule_id: str, known: list[str]) -> None:
-        self.schedule_id = schedule_id
-        self.known = known
-        hint = (f"known: {', '.join(known)}" if known
-                else "there are none; add one with `jupyter mlops schedule add PIPELINE.yaml`")
-        super().__init__(f"no schedule {schedule_id!r}; {hint}")
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -160,69 +146,6 @@ class Fire:
         return cls(row["id"], row["schedule_id"], _dt(row["scheduled"]), row["outcome"],  # type: ignore[arg-type]
                    _dt(row["launched"]), _dt(row["ended"]), row["host"], row["pid"], row["exit_status"],
                    row["log"], row["detail"])
-
-
-class RunHandle(Protocol):
-    """A started run, as the scheduler needs it (``subprocess.Popen`` is one)."""
-
-    pid: int
-
-    def poll(self) -> int | None: ...
-
-    def wait(self, timeout: float | None = None) -> int: ...
-
-
-#: Starts the run of a schedule for a fire time; raising means the fire failed to launch.
-Launcher = Callable[[Schedule, datetime], RunHandle]
-
-
-def pipeline_argv(schedule: Schedule, scheduled: datetime) -> list[str]:
-    """``python -m jupyter_mlops pipeline run FILE --schedule-id ID -p k=v ...``."""
-    argv = [sys.executable, "-m", "jupyter_mlops", "pipeline", "run", schedule.pipeline_file,
-            "--schedule-id", schedule.id]
-    for key, value in schedule.parameters.items():
-        argv += ["-p", f"{key}={value}"]
-    return argv
-
-
-class _Process:
-    """A Popen and the log file it writes to."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.log = str(log)
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.proc.wait(timeout)
-
-
-class SubprocessLauncher:
-    """Runs each fire as a child process, output to ``log_dir/ID-YYYYMMDDTHHMMSSZ.log``.
-
-    The child gets its own session (a Ctrl-C meant for the scheduler does not stop runs), the
-    scheduler's working directory and environment, plus MLOPS_SCHEDULE_ID and MLOPS_SCHEDULED_TIME.
-    """
-
-    def __init__(self, log_dir: Path, argv: Callable[[Schedule, datetime], list[str]] = pipeline_argv) -> None:
-        self.log_dir = log_dir
-        self.argv = argv
-
-    def __call__(self, schedule: Schedule, scheduled: datetime) -> _Process:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        stamp = scheduled.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        log = self.log_dir / f"{schedule.id}-{stamp}.log"
-        argv = self.argv(schedule, scheduled)
-        env = {**os.environ, "MLOPS_SCHEDULE_ID": schedule.id, "MLOPS_SCHEDULED_TIME": scheduled.isoformat()}
-        with open(log, "ab") as out:
-            out.write(f"# schedule {schedule.id}, fire {scheduled.isoformat()}: {' '.join(argv)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
-        return _Process(proc, log)
 
 
 @dataclass

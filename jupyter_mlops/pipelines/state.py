@@ -21,13 +21,9 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import MlopsError
+from ..errors import StateError
 
 __all__ = ["StateStore", "StateError", "register_schema", "open_store"]
-
-
-class StateError(MlopsError):
-    """The state database cannot be opened or written."""
 
 
 _SCHEMAS: list[tuple[str, ...]] = []

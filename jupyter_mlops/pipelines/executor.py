@@ -1,0 +1,193 @@
+"""Where a step's notebook runs: one attempt of one step, on some executor.
+
+The runner (:mod:`.runner`) decides what runs, in which order, how often, and records it; an
+executor only runs one attempt and says how it ended. Executors are plug-ins: a subclass of
+:class:`StepExecutor` declared under the entry point group ``jupyter_mlops.executors`` (the built-in
+``local`` one included), picked by name with :func:`create_executor`. The Kubernetes issue adds
+one that runs a step as a Job.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import KernelStartError, MlopsError
+from .spec import StepSpec
+
+__all__ = ["StepExecutor", "LocalExecutor", "create_executor", "StepFailed", "Cancelled", "EXECUTOR_GROUP"]
+
+EXECUTOR_GROUP = "jupyter_mlops.executors"
+
+
+class StepFailed(Exception):
+    """This attempt failed; ``output`` is the (partial) output notebook, if any was written."""
+
+    def __init__(self, message: str, output: Path | None = None) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+class Cancelled(Exception):
+    """The run was cancelled while this attempt ran."""
+
+
+class StepExecutor(ABC):
+    """Runs attempts of steps. Created once per pipeline run by the runner, closed at its end.
+
+    ``base``: the pipeline's folder, the steps' working directory. ``workers``: how many attempts
+    the runner may have going at once.
+    """
+
+    def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event) -> None:
+        self.base = base
+        self.kernel_name = kernel_name
+        self.workers = workers
+        self.cancel = cancel
+
+    def prepare(self, steps: int) -> None:
+        """Called when ``steps`` steps will soon want to run: start what takes time (kernels)."""
+
+    def expect(self, soon: int) -> None:
+        """Called before each attempt with the number of steps that will want to run soon
+        (beside this one), so the executor keeps no more ready than will be used."""
+
+    @abstractmethod
+    def run(self, step: StepSpec, env: Mapping[str, str], out: Path,
+            on_cell: Callable[[int, int], None]) -> None:
+        """Run one attempt: ``step``'s notebook with its parameters, ``env`` in its process
+        environment, the executed notebook written to ``out``. Returns when it succeeded; raises
+        :class:`StepFailed` (with the reason and the partial notebook) or :class:`Cancelled`."""
+
+    @abstractmethod
+    def interrupt(self) -> None:
+        """Interrupt every running attempt (Ctrl-C): they then raise :class:`Cancelled`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything this executor started; nothing it started may outlive it."""
+
+
+class LocalExecutor(StepExecutor):
+    """Steps on kernels of this machine, taken from a :class:`~jupyter_mlops.kernels.pool.KernelPool`.
+
+    ``pool``: a pool to take kernels from (its owner closes it); default: one of its own, started
+    by :meth:`prepare` and sized to the steps about to run.
+    """
+
+    def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event,
+                 pool: Any = None) -> None:
+        super().__init__(base=base, kernel_name=kernel_name, workers=workers, cancel=cancel)
+        self.pool = pool
+        self._own_pool = pool is None
+        self._lock = threading.Lock()
+        self._running: dict[int, Any] = {}  # thread id -> claimed kernel
+        self.first_claim = threading.Event()
+
+    def prepare(self, steps: int) -> None:
+        self._ensure_pool(steps)
+
+    def expect(self, soon: int) -> None:
+        if self._own_pool and self.pool is not None:
+            self.pool.size = min(self.workers, soon)
+
+    def _ensure_pool(self, steps: int = 1) -> Any:
+        with self._lock:
+            if self.pool is None:
+                from ..kernels.pool import KernelPool
+
+                self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, steps)), cwd=self.base)
+            return self.pool
+
+    def run(self, step: StepSpec, env: Mapping[str, str], out: Path,
+            on_cell: Callable[[int, int], None]) -> None:
+        from .notebook import execute_on_kernel
+
+        pool = self._ensure_pool()
+        try:
+            kernel = pool.claim()
+        except KernelStartError as e:
+            raise StepFailed(str(e)) from e
+        self.first_claim.set()
+        me = threading.get_ident()
+        self._running[me] = kernel
+        timed_out = threading.Event()
+        timer = self._watchdog(step, kernel, timed_out)
+        try:
+            failure = execute_on_kernel(step.notebook, out, step.parameters, kernel.manager, self.kernel_name,
+                                        setup=setup_code(env, self.base), on_cell=on_cell)
+        except Exception as e:  # the kernel died, was shut down (timeout, Ctrl-C), or papermill failed
+            if self.cancel.is_set():
+                raise Cancelled() from e
+            if timed_out.is_set():
+                raise StepFailed(f"timed out after {step.timeout:g} s; the partial output is in {out}", out) from e
+            raise StepFailed(f"{type(e).__name__}: {e}; the partial output is in {out}", out) from e
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._running.pop(me, None)
+            pool.release_soon(kernel)  # one step, one kernel: never reused
+        if failure is not None:
+            if self.cancel.is_set():
+                raise Cancelled()
+            if timed_out.is_set():
+                raise StepFailed(f"timed out after {step.timeout:g} s in cell {failure.cell_index}; "
+                                 f"the partial output is in {out}", out)
+            raise StepFailed(f"cell {failure.cell_index} raised {failure.error}; the partial output is in {out}", out)
+
+    def _watchdog(self, step: StepSpec, kernel: Any, fired: threading.Event) -> threading.Timer | None:
+        """At the step's timeout: interrupt the kernel; 5 s later, if still busy, shut it down."""
+        if not step.timeout:
+            return None
+        pool = self.pool
+
+        def expire() -> None:
+            fired.set()
+            pool.interrupt(kernel)
+            grace = threading.Timer(5.0, lambda: pool.release_soon(kernel))
+            grace.daemon = True
+            grace.start()
+
+        timer = threading.Timer(step.timeout, expire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def interrupt(self) -> None:
+        if self.pool is not None:
+            for kernel in list(self._running.values()):
+                self.pool.interrupt(kernel)
+
+    def close(self) -> None:
+        if self.pool is None:
+            return
+        if self._own_pool:
+            self.pool.close()  # every kernel it started, claimed or not, is shut down
+        else:
+            for kernel in list(self._running.values()):
+                self.pool.release(kernel, now=True)
+
+
+def setup_code(env: Mapping[str, str], cwd: Path) -> str:
+    """What a pooled kernel, started before the run existed, runs first (silently)."""
+    return (f"import os as _os\n_os.environ.update({json.dumps(dict(env))})\n"
+            f"_os.chdir({json.dumps(str(cwd))})\ndel _os")
+
+
+def create_executor(name: str, **options: Any) -> StepExecutor:
+    """The executor registered as ``name`` in the ``jupyter_mlops.executors`` entry points."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=EXECUTOR_GROUP)}
+    if name not in found:
+        if name == "local":  # running from a source tree without installed metadata
+            return LocalExecutor(**options)
+        known = ", ".join(sorted(found)) or "none installed"
+        raise MlopsError(f"no pipeline executor {name!r} (known: {known}); set c.MlopsConfig.pipeline_executor")
+    cls = found[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, StepExecutor)):
+        raise MlopsError(f"pipeline executor {name!r} ({found[name].value}) is not a StepExecutor")
+    return cls(**options)
