@@ -180,7 +180,9 @@ def test_an_interrupted_add_leaves_the_previous_version_intact(mlops_dvc: Projec
     with open(big, "wb") as f:  # large enough that the add is still copying when interrupted
         for _ in range(64):
             f.write(os.urandom(4 << 20))
-    code = "from jupyter_mlops import data\ndata.add('data/big.bin')\nprint('finished')\n"
+    # SIGINT as a terminal delivers it (a shell starts background jobs with it ignored)
+    code = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from jupyter_mlops import data\ndata.add('data/big.bin')\nprint('finished')\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=mlops_dvc.root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     cache = mlops_dvc.root / ".dvc" / "cache" / "files" / "md5"
