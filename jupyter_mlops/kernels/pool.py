@@ -318,6 +318,11 @@ class KernelPool:
                 return  # already shut down
         try:
             if await kernel.manager.is_alive():
+                if not now and kernel.pid:
+                    # A used kernel winds down (atexit hooks, the interpreter's teardown) while the
+                    # next step runs: at the lowest priority, so it takes no CPU from that step.
+                    with contextlib.suppress(OSError):
+                        os.setpriority(os.PRIO_PROCESS, kernel.pid, 19)
                 await kernel.manager.shutdown_kernel(now=now)
             else:
                 await kernel.manager.cleanup_resources()

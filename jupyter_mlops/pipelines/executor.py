@@ -178,14 +178,19 @@ def setup_code(env: Mapping[str, str], cwd: Path) -> str:
 
 
 def create_executor(name: str, **options: Any) -> StepExecutor:
-    """The executor registered as ``name`` in the ``jupyter_mlops.executors`` entry points."""
+    """The executor registered as ``name`` in the ``jupyter_mlops.executors`` entry points.
+
+    ``local`` is built in: made directly, since scanning every installed distribution's entry
+    points costs tens of milliseconds (a tenth of a no-op re-run). It is declared as an entry
+    point too, so tools that list executors see it.
+    """
+    if name == "local":
+        return LocalExecutor(**options)
     from importlib.metadata import entry_points
 
     found = {ep.name: ep for ep in entry_points(group=EXECUTOR_GROUP)}
     if name not in found:
-        if name == "local":  # running from a source tree without installed metadata
-            return LocalExecutor(**options)
-        known = ", ".join(sorted(found)) or "none installed"
+        known = ", ".join(sorted({"local", *found}))
         raise MlopsError(f"no pipeline executor {name!r} (known: {known}); set c.MlopsConfig.pipeline_executor")
     cls = found[name].load()
     if not (isinstance(cls, type) and issubclass(cls, StepExecutor)):

@@ -165,10 +165,46 @@ def _register_engine() -> None:
     if _engine_registered:
         return
     from papermill.clientwrap import PapermillNotebookClient
-    from papermill.engines import NBClientEngine, papermill_engines
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
     from papermill.utils import merge_kwargs, remove_args
 
+    class StepExecutionManager(NotebookExecutionManager):
+        """papermill writes the whole output notebook before and after every cell: for a step
+        of short cells that is most of its overhead. Here: at the start, after a failing cell, at
+        the end, and otherwise at most once a second (a crash loses at most a second of output)."""
+
+        save_every = 1.0
+        _force = True
+        _saved_at = 0.0
+
+        def save(self, **kwargs: Any) -> None:
+            now = time.monotonic()
+            if self._force or now - self._saved_at >= self.save_every:
+                super().save(**kwargs)
+                self._saved_at, self._force = now, False
+
+        def cell_exception(self, cell: Any, cell_index: Any = None, **kwargs: Any) -> None:
+            super().cell_exception(cell, cell_index, **kwargs)
+            self._force = True  # the failing cell's output is written at once
+
+        def notebook_complete(self, **kwargs: Any) -> None:
+            self._force = True
+            super().notebook_complete(**kwargs)
+
     class MlopsEngine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True,  # type: ignore[override]
+                             log_output=False, autosave_cell_every=30, **kwargs):
+            nb_man = StepExecutionManager(nb, output_path=output_path, progress_bar=progress_bar,
+                                          log_output=log_output, autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
         @classmethod
         def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,  # type: ignore[override]
                                      stderr_file=None, start_timeout=60, execution_timeout=None, **kwargs):
