@@ -67,7 +67,7 @@ def _report(result: Any, progress: Any) -> int:
     from .pipelines.progress import summary_table
 
     progress.close()
-    print(summary_table(result))
+    print(summary_table(result, with_steps=not progress.live))
     ran = [s for s in result.steps.values() if s.output_notebook]
     if ran:
         print(f"output notebooks: {Path(ran[0].output_notebook).parent}")

@@ -96,13 +96,16 @@ class Progress:
                 self._draw()
 
 
-def summary_table(result: Any) -> str:
-    """The end-of-run summary: one line per step, then the totals and what to do next."""
+def summary_table(result: Any, with_steps: bool = True) -> str:
+    """The end-of-run summary: one line per step (unless a live display just showed them), then
+    the totals and what to do next."""
     steps = list(result.steps.values())
     width = max((len(s.name) for s in steps), default=4)
-    lines = [f"{'step':<{width}}  {'status':<10} {'time':>8}  attempts"]
-    for s in steps:
-        lines.append(f"{s.name:<{width}}  {s.status:<10} {_seconds(s.duration):>8}  {s.attempts or '':>8}")
+    lines = []
+    if with_steps:
+        lines.append(f"{'step':<{width}}  {'status':<10} {'time':>8}  attempts")
+        for s in steps:
+            lines.append(f"{s.name:<{width}}  {s.status:<10} {_seconds(s.duration):>8}  {s.attempts or '':>8}")
     counts = ", ".join(f"{n} {state}" for state in ("succeeded", "cached", "kept", "failed", "blocked", "cancelled")
                        if (n := result.count(state)))
     total = _seconds((result.ended or time.time()) - result.started)

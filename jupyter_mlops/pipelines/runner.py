@@ -17,7 +17,6 @@ and child runs are uploaded by the background flusher like any other run.
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import json
 import logging
 import os
@@ -184,6 +183,8 @@ class _Runner:
     def _loop(self) -> None:
         result = self.result
         pending = [n for n in result.steps if result.steps[n].status == "pending"]
+        import concurrent.futures as futures  # here: a no-op re-run never needs it (10 ms)
+
         with futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="mlops-step") as executor:
             running: dict[futures.Future[None], str] = {}
             try:
