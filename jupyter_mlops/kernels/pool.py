@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -83,6 +84,7 @@ class PooledKernel:
     started: float
     claimed: float = 0.0
     kernel_id: str = field(default="")
+    log: str | None = None  # where the kernel process's own stdout/stderr go (None: inherited)
 
     @property
     def pid(self) -> int | None:
@@ -103,12 +105,16 @@ class KernelPool:
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 60.0,
         max_starting: int | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.kernel_name = kernel_name
         self.size = max(0, size)
         self.cwd = str(Path(cwd).resolve()) if cwd else os.getcwd()
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
+        # The kernel process's own output (its warnings, "KeyboardInterrupt caught" when it is
+        # shut down, a crash's last words) goes to a file per kernel, not into the caller's terminal.
+        self.log_dir = Path(log_dir) if log_dir else None
         # Starting a kernel is CPU-bound (an interpreter and ipykernel's imports): starting many at
         # once on a small machine makes each later, the first one most of all.
         self.max_starting = max_starting or max(1, (os.cpu_count() or 2) // 2)
@@ -267,8 +273,18 @@ class KernelPool:
         manager.client_class = "jupyter_mlops.kernels.pool.ReadyKernelClient"
         manager.client_factory = ReadyKernelClient
         env = {**os.environ, **self.env}
+        log_path = None
+        output: dict[str, Any] = {}
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = str(self.log_dir / f"kernel-{name}.log")
+            output = {"stdout": open(log_path, "ab"), "stderr": subprocess.STDOUT}  # noqa: SIM115 - closed below
         try:
-            await manager.start_kernel(cwd=self.cwd, env=env)
+            try:
+                await manager.start_kernel(cwd=self.cwd, env=env, **output)
+            finally:
+                if output:
+                    output["stdout"].close()  # the kernel holds its own descriptor now
             client = manager.client()
             client.start_channels()
             try:
@@ -292,7 +308,8 @@ class KernelPool:
             if not isinstance(e, Exception):
                 raise
             return
-        kernel = PooledKernel(manager, self.kernel_name, time.monotonic(), kernel_id=manager.kernel_id or "")
+        kernel = PooledKernel(manager, self.kernel_name, time.monotonic(), kernel_id=manager.kernel_id or "",
+                              log=log_path)
         with self._cond:
             closed = self._closed
             if not closed:

@@ -39,11 +39,13 @@ class StepExecutor(ABC):
     """Runs attempts of steps. Created once per pipeline run by the runner, closed at its end.
 
     ``base``: the pipeline's folder, the steps' working directory. ``workers``: how many attempts
-    the runner may have going at once.
+    the runner may have going at once. ``work_dir``: the run's own folder (output notebooks, logs).
     """
 
-    def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event) -> None:
+    def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event,
+                 work_dir: Path | None = None) -> None:
         self.base = base
+        self.work_dir = work_dir
         self.kernel_name = kernel_name
         self.workers = workers
         self.cancel = cancel
@@ -79,8 +81,8 @@ class LocalExecutor(StepExecutor):
     """
 
     def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event,
-                 pool: Any = None) -> None:
-        super().__init__(base=base, kernel_name=kernel_name, workers=workers, cancel=cancel)
+                 work_dir: Path | None = None, pool: Any = None) -> None:
+        super().__init__(base=base, kernel_name=kernel_name, workers=workers, cancel=cancel, work_dir=work_dir)
         self.pool = pool
         self._own_pool = pool is None
         self._lock = threading.Lock()
@@ -99,7 +101,8 @@ class LocalExecutor(StepExecutor):
             if self.pool is None:
                 from ..kernels.pool import KernelPool
 
-                self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, steps)), cwd=self.base)
+                self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, steps)), cwd=self.base,
+                                       log_dir=self.work_dir / "kernels" if self.work_dir else None)
             return self.pool
 
     def run(self, step: StepSpec, env: Mapping[str, str], out: Path,
@@ -124,7 +127,8 @@ class LocalExecutor(StepExecutor):
                 raise Cancelled() from e
             if timed_out.is_set():
                 raise StepFailed(f"timed out after {step.timeout:g} s; the partial output is in {out}", out) from e
-            raise StepFailed(f"{type(e).__name__}: {e}; the partial output is in {out}", out) from e
+            where = f" (the kernel's own output: {kernel.log})" if kernel.log else ""
+            raise StepFailed(f"{type(e).__name__}: {e}; the partial output is in {out}{where}", out) from e
         finally:
             if timer is not None:
                 timer.cancel()

@@ -154,12 +154,12 @@ class _Runner:
         self.parameters = parameters
         self.options = options
         self.resumed_from = resumed_from
+        self.outputs_dir = config.embedded_dir / "pipelines" / self.result.run_id
         self.executor: StepExecutor = create_executor(
             config.pipeline_executor, base=self.base, kernel_name=kernel_name, workers=self.workers,
-            cancel=self.cancel, **({"pool": pool} if pool is not None else {}))
+            cancel=self.cancel, work_dir=self.outputs_dir, **({"pool": pool} if pool is not None else {}))
         self.recorder = PipelineRecorder(spec, config, self.result.run_id, parameters=parameters,
                                          schedule_id=schedule_id, resumed_from=resumed_from)
-        self.outputs_dir = config.embedded_dir / "pipelines" / self.result.run_id
 
     # -- the whole run ----------------------------------------------------------------------------
 
