@@ -314,3 +314,12 @@ def test_state_in_postgresql(demo: Project, mlops_postgres_uri: str, monkeypatch
     store = open_store(mlops_postgres_uri)
     assert store.query("SELECT status FROM pipeline_runs WHERE id = ?", (again.run_id,)) == [{"status": "succeeded"}]
     assert not (demo.root / ".mlops" / "pipelines.db").exists()
+
+
+def test_outputs_outside_a_dvc_project_fail_before_anything_runs(mlops_project: Project,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    make_notebook(mlops_project.root / "make.ipynb", MAKE, "n = 1")
+    (mlops_project.root / "pipeline.yaml").write_text("steps:\n  make: {notebook: make.ipynb, outputs: [data/x.txt]}\n")
+    assert cli(["pipeline", "run", "pipeline.yaml"]) == 1
+    assert "is not in a DVC project" in capsys.readouterr().err
+    assert not (mlops_project.root / "data").exists()  # the notebook never ran

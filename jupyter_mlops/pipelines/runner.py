@@ -68,6 +68,7 @@ def run_pipeline(
     spec = load_pipeline(path, parameters)
     dag = build_dag(spec)
     selected = _select(spec, dag, only)
+    _check_versionable(spec, selected)
     runner = _Runner(spec, dag, config, selected=selected, force=force, workers=workers, listener=listener,
                      schedule_id=schedule_id, kernel_name=kernel_name, retry_backoff=retry_backoff,
                      parameters=dict(parameters or {}), options={"only": sorted(only), "force": force}, pool=pool)
@@ -114,6 +115,15 @@ def _select(spec: PipelineSpec, dag: Dag, only: Iterable[str]) -> set[str]:
             raise PipelineSpecError(str(spec.file), None, f"--only {wanted}: no such step (steps: {known})")
         names.update(matched)
     return names or set(spec.steps)
+
+
+def _check_versionable(spec: PipelineSpec, names: set[str]) -> None:
+    """Outputs are versioned with DVC: say so before anything runs, not after the first step."""
+    from ..data.dvc_client import find_dvc_root
+
+    if any(spec.steps[n].outputs for n in names) and find_dvc_root(spec.file.parent) is None:
+        raise MlopsError(f"{spec.file.parent} is not in a DVC project, and the steps' outputs are versioned "
+                         "with DVC: run `jupyter mlops init` there first (git, DVC and a local remote)")
 
 
 def _new_run_id() -> str:
