@@ -32,6 +32,9 @@ __all__ = [
     "UnknownScheduleError",
     "StateError",
     "KernelStartError",
+    "GpuError",
+    "GpuUnavailableError",
+    "LimitExceededError",
 ]
 
 
@@ -206,3 +209,80 @@ class StateError(MlopsError):
 
 class KernelStartError(MlopsError):
     """A kernel could not be started (bad kernel spec, the interpreter failed, a timeout)."""
+
+
+class GpuError(MlopsError):
+    """Base of errors about GPUs and their leases (e.g. a lease folder that cannot be written)."""
+
+
+def _gpus(count: int, gpu_type: str | None = None) -> str:
+    kind = f"{gpu_type} " if gpu_type else ""
+    return f"{count} {kind}GPU{'' if count == 1 else 's'}"
+
+
+def _some(items: list[str], most: int = 4) -> str:
+    """At most ``most`` items, then how many more: keeps a message to a line or two."""
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+class GpuUnavailableError(GpuError):
+    """A GPU request that cannot be met: the GPUs do not exist here, they are busy, or a wait timed out.
+
+    ``busy`` lists the holders of the matching GPUs (dicts with device, user, kernel_id, pid),
+    ``waiting`` the queued requests ahead of this one.
+    """
+
+    def __init__(self, requested: int, *, existing: int, gpu_type: str | None = None,
+                 busy: list[dict] | None = None, waiting: int = 0, reason: str | None = None,
+                 timed_out: float | None = None) -> None:
+        self.requested = requested
+        self.existing = existing
+        self.gpu_type = gpu_type
+        self.busy = list(busy or [])
+        self.waiting = waiting
+        self.reason = reason
+        self.timed_out = timed_out
+        asked = _gpus(requested, gpu_type)
+        if existing < requested:
+            if existing:
+                fix = f"ask for at most {existing}" + (" or another GPU type" if gpu_type else "")
+                super().__init__(f"asked for {asked} but only {existing} exist on this machine: {fix}.")
+            else:
+                why = f" ({reason})" if reason else ""
+                fix = "ask for another GPU type" if gpu_type else "choose a profile without GPUs"
+                super().__init__(f"asked for {asked} but none exist on this machine{why}: {fix}.")
+            return
+        held = [f"GPU {h['device']} ({h.get('user') or 'unknown user'}, kernel {h.get('kernel_id') or '?'})"
+                for h in self.busy]
+        facts = f"busy: {_some(held)}" if held else "none is busy"
+        if waiting:
+            queued = "1 request waits" if waiting == 1 else f"{waiting} requests wait"
+            facts += f"; {queued} ahead in the queue"
+        if timed_out is not None:
+            super().__init__(f"waited {timed_out:g} s for {asked} and none came free ({existing} exist; {facts}). "
+                             "Shut down a kernel that holds one, or try again later.")
+        else:
+            super().__init__(f"no GPU free: asked for {asked}, {existing} exist; {facts}. "
+                             "Shut down a kernel that holds one, or ask to wait in the queue.")
+
+
+class LimitExceededError(MlopsError):
+    """A user at a per-user limit (``limit`` is "kernels" or "gpus"); ``running`` is what they run."""
+
+    def __init__(self, user: str, limit: str, maximum: int, running: list[dict], *, asked: int = 0) -> None:
+        self.user = user
+        self.limit = limit
+        self.maximum = maximum
+        self.running = list(running)
+        self.asked = asked
+        kernels = [f"{r.get('kernel_id') or '?'}" + (f" ({_gpus(r['gpus'])})" if r.get("gpus") else "")
+                   for r in self.running]
+        listing = _some(kernels, 5) or "nothing"
+        if limit == "kernels":
+            super().__init__(f"{user} may run at most {maximum} kernel{'' if maximum == 1 else 's'} at once "
+                             f"and runs {len(kernels)}: {listing}. Shut one down first.")
+        else:
+            held = sum(int(r.get("gpus") or 0) for r in self.running)
+            super().__init__(f"{user} may hold at most {_gpus(maximum)} at once, holds {held} ({listing}) "
+                             f"and asked for {asked} more. Shut down a GPU kernel or ask for fewer.")
