@@ -29,6 +29,7 @@ ENV_OVERRIDES = {
     "spool_dir": ("MLOPS_SPOOL_DIR",),
     "artifact_root": ("MLOPS_ARTIFACT_ROOT",),
     "pipeline_state_url": ("MLOPS_PIPELINE_STATE_URL",),
+    "environments_dir": ("MLOPS_ENVIRONMENTS_DIR",),
     "pipeline_webhook_url": ("MLOPS_PIPELINE_WEBHOOK_URL",),
 }
 
@@ -111,6 +112,12 @@ class MlopsConfig(Configurable):
         help="Python interpreter that runs the uploader (it needs mlflow). Default: this one.",
     ).tag(config=True)
 
+    environments_dir = Unicode(
+        "",
+        help="Folder of environment definitions (NAME/environment.yml, NAME/conda-lock.yml). Empty: "
+        "<project>/environments. Env: MLOPS_ENVIRONMENTS_DIR.",
+    ).tag(config=True)
+
     pipeline_state_url = Unicode(
         "",
         help="Database of pipeline runs, step cache and schedules. Empty: sqlite:///<project>/.mlops/"
@@ -180,6 +187,10 @@ class MlopsConfig(Configurable):
     @property
     def resolved_spool_dir(self) -> Path:
         return Path(self.spool_dir).resolve() if self.spool_dir else self.embedded_dir / "spool"
+
+    @property
+    def resolved_environments_dir(self) -> Path:
+        return Path(self.environments_dir).resolve() if self.environments_dir else self.root / "environments"
 
     @property
     def resolved_pipeline_state_url(self) -> str:

@@ -24,7 +24,9 @@ __all__ = [
     "NotTrackedError",
     "UnknownRevisionError",
     "RemoteError",
+    "SpecError",
     "PipelineSpecError",
+    "EnvironmentSpecError",
     "StepInputError",
     "CronError",
     "NotebookFailed",
@@ -153,14 +155,23 @@ class RemoteError(DataError):
     """The DVC remote cannot be reached or written."""
 
 
-class PipelineSpecError(MlopsError):
-    """A pipeline.yaml that cannot run: says the file, the line and the fix."""
+class SpecError(MlopsError):
+    """A file the user wrote (pipeline.yaml, environment.yml) that cannot be used: says the
+    file, the line and the fix."""
 
     def __init__(self, file: str, line: int | None, message: str) -> None:
         self.file = file
         self.line = line
         where = f"{file}:{line}" if line else file
         super().__init__(f"{where}: {message}")
+
+
+class PipelineSpecError(SpecError):
+    """A pipeline.yaml that cannot run."""
+
+
+class EnvironmentSpecError(SpecError):
+    """An environments/NAME/environment.yml that cannot be used."""
 
 
 class StepInputError(MlopsError):

@@ -26,7 +26,6 @@ declares, with a value of the same kind as its default.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,81 +73,22 @@ class PipelineSpec:
 # -- YAML with line numbers ---------------------------------------------------------------------------
 
 
-class _Node:
-    """A YAML value with the line it starts on (1-based)."""
-
-    def __init__(self, value: Any, line: int) -> None:
-        self.value = value
-        self.line = line
-        self.key_line = line  # for a mapping's value: the line of its key (a step's name)
+from .. import _yaml
+from .._yaml import Node as _Node
+from .._yaml import kind as _kind
+from .._yaml import plain as _plain
 
 
-def _compose(text: str, file: str) -> Any:
-    import yaml
-
-    try:
-        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        problem = getattr(e, "problem", None) or str(e)
-        raise PipelineSpecError(file, mark.line + 1 if mark else None,
-                                f"not valid YAML ({problem}); check the indentation and quoting there") from e
-    if node is None:
-        raise PipelineSpecError(file, None, "the file is empty; a pipeline needs at least `steps:`")
-    return _convert(node, file, yaml.SafeLoader(""))
-
-
-def _convert(node: Any, file: str, loader: Any) -> _Node:
-    import yaml
-
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, _Node] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in out:
-                raise PipelineSpecError(file, key_node.start_mark.line + 1,
-                                        f"{key!r} appears twice in the same mapping; keep one")
-            out[key] = _convert(value_node, file, loader)
-            out[key].key_line = key_node.start_mark.line + 1
-        return _Node(out, line)
-    if isinstance(node, yaml.SequenceNode):
-        return _Node([_convert(v, file, loader) for v in node.value], line)
-    return _Node(loader.construct_object(node, deep=True), line)
-
-
-def _plain(node: _Node) -> Any:
-    if isinstance(node.value, dict):
-        return {k: _plain(v) for k, v in node.value.items()}
-    if isinstance(node.value, list):
-        return [_plain(v) for v in node.value]
-    return node.value
-
-
-# -- checks -------------------------------------------------------------------------------------------
+def _compose(text: str, file: str) -> _Node:
+    return _yaml.compose(text, file, PipelineSpecError, "a pipeline needs at least `steps:`")
 
 
 def _unknown_keys(mapping: dict[str, _Node], known: set[str], where: str, file: str) -> None:
-    for key, value in mapping.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
-            raise PipelineSpecError(file, value.line, f"{where}: unknown key {key!r}; {hint}")
+    _yaml.unknown_keys(mapping, known, where, file, PipelineSpecError)
 
 
 def _expect(node: _Node, kinds: tuple[type, ...], what: str, file: str) -> Any:
-    value = node.value
-    if isinstance(value, bool) and bool not in kinds:
-        value = None
-    if not isinstance(value, kinds):
-        names = " or ".join(k.__name__.replace("dict", "mapping").replace("str", "text") for k in kinds)
-        raise PipelineSpecError(file, node.line, f"{what} must be {names}, not {_kind(node.value)}")
-    return value
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "a number",
-            float: "a number", type(None): "empty"}.get(type(value), type(value).__name__)
+    return _yaml.expect(node, kinds, what, file, PipelineSpecError)
 
 
 def _paths(node: _Node | None, what: str, file: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""Environments: definitions (environment.yml), locks, and installed prefixes (see docs/kernels.md)."""
