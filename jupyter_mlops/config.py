@@ -30,6 +30,8 @@ ENV_OVERRIDES = {
     "artifact_root": ("MLOPS_ARTIFACT_ROOT",),
     "pipeline_state_url": ("MLOPS_PIPELINE_STATE_URL",),
     "environments_dir": ("MLOPS_ENVIRONMENTS_DIR",),
+    "envs_dir": ("MLOPS_ENVS_DIR",),
+    "pkgs_dir": ("MLOPS_PKGS_DIR",),
     "pipeline_webhook_url": ("MLOPS_PIPELINE_WEBHOOK_URL",),
 }
 
@@ -118,6 +120,18 @@ class MlopsConfig(Configurable):
         "<project>/environments. Env: MLOPS_ENVIRONMENTS_DIR.",
     ).tag(config=True)
 
+    envs_dir = Unicode(
+        "",
+        help="Where environments are installed (one prefix per locked environment). Empty: "
+        "<jupyter data dir>/mlops/envs. Env: MLOPS_ENVS_DIR.",
+    ).tag(config=True)
+
+    pkgs_dir = Unicode(
+        "",
+        help="Package cache shared by every environment. Empty: <jupyter data dir>/mlops/pkgs. "
+        "Env: MLOPS_PKGS_DIR.",
+    ).tag(config=True)
+
     pipeline_state_url = Unicode(
         "",
         help="Database of pipeline runs, step cache and schedules. Empty: sqlite:///<project>/.mlops/"
@@ -193,6 +207,14 @@ class MlopsConfig(Configurable):
         return Path(self.environments_dir).resolve() if self.environments_dir else self.root / "environments"
 
     @property
+    def resolved_envs_dir(self) -> Path:
+        return Path(self.envs_dir).resolve() if self.envs_dir else _data_dir() / "envs"
+
+    @property
+    def resolved_pkgs_dir(self) -> Path:
+        return Path(self.pkgs_dir).resolve() if self.pkgs_dir else _data_dir() / "pkgs"
+
+    @property
     def resolved_pipeline_state_url(self) -> str:
         if not self.pipeline_state_url:
             return "sqlite:///" + str(self.embedded_dir / "pipelines.db")
@@ -213,6 +235,12 @@ class MlopsConfig(Configurable):
                 f"experiment_name {self.experiment_name!r} has an unknown field ({e}); "
                 "use {project}, {notebook} or {user}"
             ) from e
+
+
+def _data_dir() -> Path:
+    from jupyter_core.paths import jupyter_data_dir
+
+    return Path(jupyter_data_dir()) / "mlops"
 
 
 def _config_files(dirs: list[str]) -> Config:

@@ -1,7 +1,4 @@
-"""``jupyter mlops env list|show``: a thin face over jupyter_mlops.environments.
-
-(``lock``, ``create``, ``export`` and ``remove`` come with the installer; see docs/kernels.md.)
-"""
+"""``jupyter mlops env list|show|lock|create|export|remove``: a thin face over jupyter_mlops.environments."""
 
 from __future__ import annotations
 
@@ -25,11 +22,84 @@ def add_environment_commands(sub: "argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=_cmd_show)
 
+    p = cmds.add_parser("lock", help="solve environment.yml for its platforms and write conda-lock.yml")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=_cmd_lock)
+
+    p = cmds.add_parser("create", help="install the lock exactly (no re-solve); a no-op when already installed")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=_cmd_create)
+
+    p = cmds.add_parser("export", help="the lock for this platform as an explicit list (conda/micromamba create --file)")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=_cmd_export)
+
+    p = cmds.add_parser("remove", help="remove the installed prefixes of an environment (its definition stays)")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=_cmd_remove)
+
 
 def _directory() -> Any:
     from .config import load_config
 
     return load_config().resolved_environments_dir
+
+
+def _spec(name: str) -> Any:
+    from .environments.spec import find_environments, load_environment
+    from .errors import MlopsError
+
+    directory = _directory()
+    found = find_environments(directory)
+    if name not in found:
+        raise MlopsError(f"no environment {name!r} in {directory} (known: {', '.join(found) or 'none'})")
+    return load_environment(found[name])
+
+
+def _cmd_lock(args: argparse.Namespace) -> int:
+    from .environments.solve import lock_environment
+
+    spec = _spec(args.name)
+    print(f"solving {spec.name} for {', '.join(spec.platforms)} from {', '.join(spec.channels)}...")
+    path = lock_environment(spec)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .environments.install import create_environment
+
+    config = load_config()
+    env = create_environment(_spec(args.name), config.resolved_envs_dir, config.resolved_pkgs_dir, say=print)
+    state = "created" if env.created else "already installed"
+    print(f"{env.name}: {state} at {env.prefix} ({env.packages} packages)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .environments.lockfile import read_lock
+    from .environments.spec import current_platform
+
+    spec = _spec(args.name)
+    print(f"# {spec.name}, from {spec.lock_file}")
+    print(f"# platform: {current_platform()}")
+    print("@EXPLICIT")
+    for package in read_lock(spec.lock_file, current_platform()):
+        print(f"{package.url}#{package.md5}")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .environments.install import remove_environment
+
+    removed = remove_environment(args.name, load_config().resolved_envs_dir)
+    for prefix in removed:
+        print(f"removed {prefix}")
+    if not removed:
+        print(f"{args.name}: nothing installed")
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -73,6 +143,5 @@ def _cmd_show(args: argparse.Namespace) -> int:
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
         print(f"{key + ':':<14}{value if value is not None else '-'}")
     if not info["locked"]:
-        print("not locked yet: `jupyter mlops env lock` (coming with the installer, see docs/kernels.md) "
-              "writes conda-lock.yml where its channels are reachable")
+        print(f"not locked yet: run `jupyter mlops env lock {args.name}` where its channels are reachable")
     return 0
