@@ -1,16 +1,23 @@
-"""Helpers every benchmark shares: progress lines, interleaved rounds, table cells, goals.
+"""Helpers every benchmark shares: progress lines, interleaved rounds, table cells, goals, the
+command line, and a scratch folder with DVC and git kept inside it.
 
 Imported as ``_common`` (a benchmark runs as ``python bench/NAME.py``, so bench/ is on sys.path).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
-__all__ = ["Logger", "median", "interleave", "fmt", "goal_met"]
+__all__ = ["Logger", "median", "interleave", "fmt", "goal_met", "quick_mode", "scratch", "stdout_to_stderr"]
 
 
 class Logger:
@@ -65,3 +72,54 @@ def goal_met(value: float | None, goal: str) -> str:
     target = float(goal[2:])
     ok = value <= target if goal.startswith("<=") else value >= target
     return "yes" if ok else "NO"
+
+
+def quick_mode(doc: str | None, quick_help: str, argv: list[str] | None) -> bool:
+    """The benchmarks' one option: ``--quick``."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return bool(parser.parse_args(argv).quick)
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temporary folder holding DVC's state, index and config (no analytics daemon) and a git
+    identity, with no ``MLOPS_*``, ``DVC_*`` or ``MLFLOW_*`` from the caller's shell; the working
+    folder and the environment are restored and the folder removed afterwards. Set in this
+    process, so in-process contenders and their subprocesses share it."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    old_cwd = os.getcwd()
+    old_env = dict(os.environ)
+    for name in [k for k in os.environ if k.startswith(("MLOPS_", "DVC_", "MLFLOW_"))]:
+        os.environ.pop(name)
+    os.environ.update({
+        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache"),  # default: /var/tmp/dvc, outside tmp
+        "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global-config"),
+        "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system-config"),
+        "DVC_NO_ANALYTICS": "1",  # else every `dvc` command leaves a daemon behind to report
+        "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    })
+    try:
+        yield tmp
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """What runs in-process (DVC's hints, a runner, a kernel manager) may print to file
+    descriptor 1; point it at stderr meanwhile, so stdout holds only the report."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -20,25 +20,22 @@ the end. The last line of stdout is one JSON object (see bench/README.md).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # No root handler: DVC logs through its own (set up when dvc is imported), and a root one would
 # print each of its hints twice. Python's last-resort handler still shows warnings on stderr.
 warnings.filterwarnings("ignore")
 
-from _common import Logger, fmt, goal_met, interleave, median  # noqa: E402
+from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr  # noqa: E402
 
 log = Logger('data')
 
@@ -55,39 +52,6 @@ FOLDER = "files"
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """DVC's in-process hints ("To track the changes with git, run: ...") go to the stdout it
-    saw at import time; point file descriptor 1 at stderr meanwhile, so stdout stays ours."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def isolated_env(tmp: Path) -> None:
-    """DVC's state, index and config folders inside ``tmp``; no analytics daemon; a git identity.
-
-    Set in this process, so ``data.*`` (DVC in-process) and the ``dvc`` subprocesses share them.
-    """
-    for name in [k for k in os.environ if k.startswith(("MLOPS_", "DVC_"))]:
-        os.environ.pop(name)  # nothing from the caller's shell changes what either contender does
-    os.environ.update({
-        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache"),  # default: /var/tmp/dvc, outside tmp
-        "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global-config"),
-        "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system-config"),
-        "DVC_NO_ANALYTICS": "1",  # else every `dvc` command leaves a daemon behind to report
-        "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
-        "GIT_CONFIG_NOSYSTEM": "1",
-    })
 
 
 def dvc_command() -> list[str]:
@@ -352,24 +316,13 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 256 MiB file, fewer repeats (< 60 s on 2 cores)")
-    args = parser.parse_args(argv)
-    p = QUICK if args.quick else DEFAULT
+    quick = quick_mode(__doc__, "a 256 MiB file, fewer repeats (< 60 s on 2 cores)", argv)
+    p = QUICK if quick else DEFAULT
 
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
-    old_cwd = os.getcwd()
-    old_env = dict(os.environ)
-    log(f"temp folder {tmp}; {'quick' if args.quick else 'default'} mode: {p}")
-    try:
-        isolated_env(tmp)
+    with scratch("bench-data-") as tmp:
+        log(f"temp folder {tmp}; {'quick' if quick else 'default'} mode: {p}")
         m = run_all(p, tmp)
-    finally:
-        os.chdir(old_cwd)
-        os.environ.clear()
-        os.environ.update(old_env)
-        shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - started
 
     def ratio(anchor_key: str, ours_key: str) -> float | None:
@@ -402,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         ("re-add unchanged folder", "dvc add -q (CLI)", "dvc_readd_s", "readd_s", "s", "vs_dvc_readd", []),
     ]
     print()
-    print(f"data benchmark ({'--quick' if args.quick else 'default'}): medians; ratio = anchor / ours, bigger is better")
+    print(f"data benchmark ({'--quick' if quick else 'default'}): medians; ratio = anchor / ours, bigger is better")
     print(f"  add: {mib} MiB fresh file x{p['add_rounds']}; folder: {nfiles:,} files "
           f"(first data.add {m.get('folder_first_add_s', float('nan')):.1f} s), check x{p['check_rounds']}, "
           f"re-add x{p['readd_rounds']}; MB = 10^6 bytes; total {wall:.0f} s")

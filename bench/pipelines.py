@@ -26,7 +26,6 @@ The last line of stdout is one JSON object (see bench/README.md).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -37,15 +36,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 warnings.filterwarnings("ignore")
 
-from _common import Logger, fmt, goal_met, interleave, median  # noqa: E402
+from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr  # noqa: E402
 
 log = Logger("pipelines")
 
@@ -65,36 +63,6 @@ class RunnerMissing(Exception):
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Whatever runs in-process (a runner, a kernel manager) may print; stdout stays ours."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def isolated_env(tmp: Path) -> None:
-    """DVC's state and config folders inside ``tmp``; no analytics daemon; a git identity; no
-    ``MLOPS_*`` from the caller's shell (each copy's own ``.mlops/`` holds its runs)."""
-    for name in [k for k in os.environ if k.startswith(("MLOPS_", "DVC_", "MLFLOW_"))]:
-        os.environ.pop(name)
-    os.environ.update({
-        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache"),  # default: /var/tmp/dvc, outside tmp
-        "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global-config"),
-        "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system-config"),
-        "DVC_NO_ANALYTICS": "1",  # else every `dvc` command leaves a daemon behind to report
-        "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
-        "GIT_CONFIG_NOSYSTEM": "1",
-    })
 
 
 def tool(name: str) -> str:
@@ -494,28 +462,19 @@ def run_all(p: dict[str, Any], tmp: Path, errors: dict[str, str]) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, a 4-step chain (< 60 s on 2 cores)")
-    args = parser.parse_args(argv)
-    p = QUICK if args.quick else DEFAULT
+    quick = quick_mode(__doc__, "fewer repeats, a 4-step chain (< 60 s on 2 cores)", argv)
+    p = QUICK if quick else DEFAULT
 
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-pipelines-"))
-    old_cwd = os.getcwd()
-    old_env = dict(os.environ)
     errors: dict[str, str] = {}
-    log(f"temp folder {tmp}; {'quick' if args.quick else 'default'} mode: {p}")
-    try:
-        isolated_env(tmp)
-        m = run_all(p, tmp, errors)
-    finally:
-        os.chdir(old_cwd)
-        stop_flushers(tmp)
-        os.environ.clear()
-        os.environ.update(old_env)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with scratch("bench-pipelines-") as tmp:
+        log(f"temp folder {tmp}; {'quick' if quick else 'default'} mode: {p}")
+        try:
+            m = run_all(p, tmp, errors)
+        finally:
+            stop_flushers(tmp)  # before the folder goes: the flushers write there
     wall = time.perf_counter() - started
-    report(m, p, errors, wall, args.quick)
+    report(m, p, errors, wall, quick)
     return 1 if set(errors) - {"runner"} else 0
 
 

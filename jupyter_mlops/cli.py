@@ -11,27 +11,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ._cli_args import add_parameter_option, parameters
 from ._version import __version__
 from .errors import MlopsError
 
 __all__ = ["main"]
-
-
-def _parameter(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _parse_value(value: str) -> object:
-    """Parameters from the command line: numbers, booleans and JSON literals keep their type."""
-    import json
-
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="execute a notebook headless with tracking on, and say where its run is")
     p.add_argument("notebook", type=Path)
-    p.add_argument("-p", "--parameter", dest="parameters", action="append", type=_parameter, default=[],
-                   metavar="KEY=VALUE", help="papermill parameter (repeatable); JSON values keep their type")
+    add_parameter_option(p, "papermill parameter (repeatable); JSON values keep their type")
     p.add_argument("-o", "--output", type=Path, help="executed notebook (default .mlops/outputs/NAME.out.ipynb)")
     p.add_argument("-k", "--kernel", help="kernel name (default: the notebook's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -78,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .pipeline_cli import add_pipeline_commands
     from .schedule_cli import add_schedule_commands
 
-    add_pipeline_commands(sub, _parameter)
+    add_pipeline_commands(sub)
     add_schedule_commands(sub)
     add_environment_commands(sub)
     return parser
@@ -89,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .pipelines.notebook import run_notebook
 
     config = load_config()
-    params = {k: _parse_value(v) for k, v in args.parameters}
+    params = parameters(args.parameters)
     print(f"Running {args.notebook} (tracking: {config.resolved_tracking_uri})")
     result = run_notebook(
         args.notebook,

@@ -10,18 +10,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._cli_args import add_parameter_option, parameters
+
 __all__ = ["add_pipeline_commands"]
 
 
-def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", parameter_type: Any) -> None:
+def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     top = sub.add_parser("pipeline", help="run notebooks as a cached DAG of papermill steps (pipeline.yaml)")
     cmds = top.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND")
     top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
     p = cmds.add_parser("run", help="run a pipeline: steps in order, independent ones at once, unchanged ones skipped")
     p.add_argument("pipeline", type=Path, metavar="PIPELINE.yaml")
-    p.add_argument("-p", "--parameter", dest="parameters", action="append", type=parameter_type, default=[],
-                   metavar="KEY=VALUE", help="override a parameter (STEP.KEY=VALUE for one step); JSON values keep their type")
+    add_parameter_option(p, "override a parameter (STEP.KEY=VALUE for one step); JSON values keep their type")
     p.add_argument("--only", action="append", default=[], metavar="STEP",
                    help="run only this step (repeatable); the steps it needs are not run, their outputs must exist")
     p.add_argument("--force", action="store_true", help="run every selected step even when its cache says unchanged")
@@ -77,7 +78,6 @@ def _report(result: Any, progress: Any) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .cli import _parse_value
     from .pipelines.runner import run_pipeline
 
     _terminate_as_interrupt()
@@ -86,7 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     try:
-        result = run_pipeline(args.pipeline, parameters={k: _parse_value(v) for k, v in args.parameters},
+        result = run_pipeline(args.pipeline, parameters=parameters(args.parameters),
                               only=args.only, force=args.force, workers=args.workers, listener=progress,
                               schedule_id=args.schedule_id, kernel_name=args.kernel)
     except KeyboardInterrupt:

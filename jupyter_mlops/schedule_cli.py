@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._cli_args import add_parameter_option
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -22,8 +23,6 @@ __all__ = ["add_schedule_commands"]
 
 def add_schedule_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register ``schedule add|list|pause|resume|remove`` and ``scheduler`` under ``sub``."""
-    from .cli import _parameter
-
     schedule = sub.add_parser("schedule", help="run pipelines on a cron schedule (see also: jupyter mlops scheduler)")
     commands = schedule.add_subparsers(dest="schedule_command", metavar="ACTION")
     schedule.set_defaults(func=lambda args: _usage(schedule))
@@ -34,8 +33,7 @@ def add_schedule_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--tz", help="IANA time zone the cron is read in (default UTC), e.g. Europe/Berlin")
     p.add_argument("--policy", choices=["skip", "catch_up"], default="skip",
                    help="fires missed while no scheduler ran: skip them (default) or run once for them all")
-    p.add_argument("-p", "--parameter", dest="parameters", action="append", type=_parameter, default=[],
-                   metavar="KEY=VALUE", help="pipeline parameter for every run (repeatable), as for `pipeline run`")
+    add_parameter_option(p, "pipeline parameter for every run (repeatable), as for `pipeline run`")
     p.add_argument("--name", help="schedule id (default: from the pipeline's name)")
     p.set_defaults(func=_cmd_add)
 
@@ -68,21 +66,15 @@ def _scheduler(**kwargs: object) -> "Scheduler":
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    from .cli import _parse_value
-    from .pipelines.cron import CronError, parse
+    from ._cli_args import parameters as typed
     from .pipelines.spec import load_pipeline
 
     parameters = dict(args.parameters)
-    spec = load_pipeline(args.pipeline, {k: _parse_value(v) for k, v in parameters.items()})
+    spec = load_pipeline(args.pipeline, typed(args.parameters))  # also checks the file's `schedule:`
     cron = args.cron or spec.schedule
     if not cron:
         raise UsageError(f"{args.pipeline} has no `schedule:`; give --cron 'MIN HOUR DAY MONTH WEEKDAY' "
                          "(e.g. '0 3 * * 1') or add `schedule:` to the file")
-    if not args.cron:
-        try:
-            parse(cron)  # the file's own text first, so its errors point at the file
-        except CronError as e:
-            raise UsageError(f"{args.pipeline}: schedule: {e.problem}") from e
     added = _scheduler().add(spec.file, cron, tz=args.tz, policy=args.policy, parameters=parameters,
                              name=args.name, pipeline_name=spec.name)
     print(f"Scheduled {added.id}: {added.pipeline_file} at '{added.cron}' ({added.tz}), policy {added.policy}.")

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import MlopsError, NotInRepoError, NotTrackedError, OutsideRepoError, StepInputError
+from ..errors import (
+    MlopsError,
+    NotInRepoError,
+    NotTrackedError,
+    OutsideRepoError,
+    StepInputError,
+)
 from .spec import StepSpec
 
 __all__ = ["code_digest", "environment_digest", "input_versions", "step_key", "outputs_unchanged", "CacheEntry",
@@ -96,8 +102,8 @@ def version_md5(path: Path, start: Path) -> str | None:
             return api.version(path, start=start, with_commit=False).md5
         except (NotTrackedError, NotInRepoError, OutsideRepoError):
             pass  # not versioned (yet): its content identifies it
-        from ..data.index import DataIndex, snapshot
         from ..data.dvc_client import find_dvc_root
+        from ..data.index import DataIndex, snapshot
 
         root = find_dvc_root(start)
         snap = snapshot(path)

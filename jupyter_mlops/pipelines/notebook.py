@@ -165,7 +165,11 @@ def _register_engine() -> None:
     if _engine_registered:
         return
     from papermill.clientwrap import PapermillNotebookClient
-    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+    from papermill.engines import (
+        NBClientEngine,
+        NotebookExecutionManager,
+        papermill_engines,
+    )
     from papermill.utils import merge_kwargs, remove_args
 
     class StepExecutionManager(NotebookExecutionManager):

@@ -31,10 +31,10 @@ from ..errors import MlopsError, PipelineSpecError
 from . import cache
 from .dag import Dag, build_dag
 from .executor import Cancelled, StepExecutor, StepFailed, create_executor
-from .spec import PipelineSpec, StepSpec, load_pipeline
 from .history import RunHistory
-from .results import DONE_OK, STEP_STATES, PipelineResult, StepResult
 from .recording import PipelineRecorder
+from .results import DONE_OK, STEP_STATES, PipelineResult, StepResult
+from .spec import PipelineSpec, StepSpec, load_pipeline
 from .state import open_store
 
 __all__ = ["run_pipeline", "resume_pipeline", "PipelineResult", "StepResult", "STEP_STATES"]
@@ -424,10 +424,10 @@ class _Runner:
     # -- tracking and state -----------------------------------------------------------------------
 
     def _step_run(self, step: StepSpec, res: StepResult) -> Any:
+        from ..data import api
+
         inputs = {}
         for rel in res.inputs:
-            from ..data import api
-
             try:
                 with cache.DATA_LOCK:
                     inputs[rel] = api.version(self.base / rel, start=self.base)

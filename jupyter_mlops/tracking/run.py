@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import MlopsConfig, load_config
-from ..errors import InvalidValueError, NoActiveRunError, ParamChangedError, TrackingError
+from ..errors import (
+    InvalidValueError,
+    NoActiveRunError,
+    ParamChangedError,
+    TrackingError,
+)
 from . import flusher as _flusher
 from .context import capture, notebook_path
 from .spool import DONE_DIR, EVENTS, STATE, SpoolWriter, read_json
