@@ -100,7 +100,8 @@ class StateStore:
         except StateError:
             raise
         except Exception as e:  # the driver's own error types differ; say what and where
-            raise StateError(f"cannot open the pipeline state database {_shown(url)}: {e}") from e
+            reason = " ".join(str(e).split())  # drivers' messages run over several lines
+            raise StateError(f"cannot open the pipeline state database {_shown(url)}: {reason}") from e
 
     def _connect(self, url: str) -> Any:
         if self.dialect == "sqlite":
