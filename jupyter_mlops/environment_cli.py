@@ -74,7 +74,19 @@ def _cmd_create(args: argparse.Namespace) -> int:
     env = create_environment(_spec(args.name), config.resolved_envs_dir, config.resolved_pkgs_dir, say=print)
     state = "created" if env.created else "already installed"
     print(f"{env.name}: {state} at {env.prefix} ({env.packages} packages)")
+    _sync_kernelspecs()
     return 0
+
+
+def _sync_kernelspecs() -> None:
+    """Kernel specs follow the installed environments (JupyterLab's launcher, papermill -k)."""
+    from .kernels.kernelspecs import sync_from_config
+
+    done = sync_from_config()
+    if done.written:
+        print(f"kernels: {', '.join(done.written)}")
+    if done.removed:
+        print(f"kernels removed: {', '.join(done.removed)}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -99,6 +111,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
         print(f"removed {prefix}")
     if not removed:
         print(f"{args.name}: nothing installed")
+    _sync_kernelspecs()
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 from pathlib import Path
 
 import pytest
@@ -14,50 +13,19 @@ from jupyter_mlops.environments.solve import lock_environment
 from jupyter_mlops.environments.spec import current_platform, load_environment
 from jupyter_mlops.errors import EnvironmentSpecError
 
+from .channels import build_channel, define
+
 rattler = pytest.importorskip("rattler")
 rattler_build = pytest.importorskip("rattler_build")
 
 
-def _package(channel: Path, stage: Path, name: str, version: str, subdir: str, files: dict[str, str], **kw: object) -> None:
-    folder = stage / f"{name}-{version}"
-    for rel, text in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(text)
-    (channel / subdir).mkdir(parents=True, exist_ok=True)
-    rattler_build.assemble_package(name=name, version=version, target_platform=subdir, build_string=kw.pop("build", "0"),
-                                   output_dir=str(channel / subdir), files_dir=str(folder), **kw)
-
-
 @pytest.fixture
 def mlops_channel(tmp_path: Path) -> Path:
-    """A local channel: a stand-in `python` (no interpreter: what matters here is that it pins the
-    site-packages path), a `noarch: python` module, and a `noarch: generic` package that brings an
-    activation script."""
-    if current_platform() != "linux-64":
-        pytest.skip("the channel's stand-in python is built for linux-64")
-    channel, stage = tmp_path / "channel", tmp_path / "stage"
-    _package(channel, stage, "python", "3.11.7", "linux-64", {"share/python-standin": ""}, build="h0_0")
-    _package(channel, stage, "mlops-demo", "1.0", "noarch", {"site-packages/mlops_demo.py": "VERSION = '1.0'\n"},
-             noarch="python", depends=["python >=3.8"], build="pyh0_0")
-    _package(channel, stage, "mlops-demo", "2.0", "noarch", {"site-packages/mlops_demo.py": "VERSION = '2.0'\n"},
-             noarch="python", depends=["python >=3.8"], build="pyh0_0")
-    _package(channel, stage, "mlops-act", "1.0", "noarch",
-             {"etc/conda/activate.d/mlops-act.sh": "export MLOPS_ACT=on\n"}, noarch="generic")
-    done = rattler.index.index_fs(channel, force=True)
-    if inspect.isawaitable(done):
-        asyncio.run(done)
-    return channel
-
-
-def _definition(folder: Path, channel: Path, deps: str) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "environment.yml").write_text(f"channels: ['{channel.as_uri()}']\nplatforms: [linux-64]\n"
-                                            f"dependencies: {deps}\n")
-    return folder
+    return build_channel(tmp_path)
 
 
 def test_lock_writes_conda_lock_v1_and_installs_exactly_what_it_says(tmp_path: Path, mlops_channel: Path) -> None:
-    spec = load_environment(_definition(tmp_path / "envs" / "demo", mlops_channel, "['mlops-demo <2', mlops-act]"))
+    spec = load_environment(define(tmp_path / "envs" / "demo", mlops_channel, "['mlops-demo <2', mlops-act]"))
     lock = lock_environment(spec)
     document = yaml.safe_load(lock.read_text())
     assert document["version"] == 1 and document["metadata"]["platforms"] == ["linux-64"]
@@ -81,11 +49,11 @@ def test_lock_writes_conda_lock_v1_and_installs_exactly_what_it_says(tmp_path: P
 
 
 def test_lock_errors_say_what_to_do(tmp_path: Path, mlops_channel: Path) -> None:
-    spec = load_environment(_definition(tmp_path / "envs" / "nope", mlops_channel, "[no-such-package]"))
+    spec = load_environment(define(tmp_path / "envs" / "nope", mlops_channel, "[no-such-package]"))
     with pytest.raises(EnvironmentSpecError, match="cannot be solved for linux-64: .*no-such-package"):
         lock_environment(spec)
     assert not spec.lock_file.exists()  # nothing half-written
-    ok = load_environment(_definition(tmp_path / "envs" / "ok", mlops_channel, "[mlops-demo]"))
+    ok = load_environment(define(tmp_path / "envs" / "ok", mlops_channel, "[mlops-demo]"))
     lock = lock_environment(ok)
     with pytest.raises(EnvironmentSpecError, match="platform osx-arm64 is not locked"):
         read_lock(lock, "osx-arm64")
@@ -102,7 +70,7 @@ def test_create_is_exact_atomic_and_a_no_op_the_second_time(tmp_path: Path, mlop
     from jupyter_mlops.environments.install import installed
 
     envs = tmp_path / "envs"
-    _definition(envs / "demo", mlops_channel, "['mlops-demo <2', mlops-act]")
+    define(envs / "demo", mlops_channel, "['mlops-demo <2', mlops-act]")
     (envs / "demo" / "environment.yml").write_text((envs / "demo" / "environment.yml").read_text()
                                                     + "variables: {MLOPS_LEVEL: '3'}\n")
     monkeypatch.setenv("MLOPS_ENVIRONMENTS_DIR", str(envs))
@@ -137,7 +105,7 @@ def test_create_is_exact_atomic_and_a_no_op_the_second_time(tmp_path: Path, mlop
 def test_an_interrupted_create_leaves_no_complete_looking_prefix(tmp_path: Path, mlops_channel: Path) -> None:
     from jupyter_mlops.environments import install
 
-    spec = load_environment(_definition(tmp_path / "defs" / "demo", mlops_channel, "[mlops-demo]"))
+    spec = load_environment(define(tmp_path / "defs" / "demo", mlops_channel, "[mlops-demo]"))
     lock_environment(spec)
     spec.lock_file.write_text(spec.lock_file.read_text().replace("mlops-demo-2.0-pyh0_0.conda",
                                                                  "mlops-demo-9.9-pyh0_0.conda"))
