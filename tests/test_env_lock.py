@@ -10,7 +10,7 @@ import yaml
 
 from jupyter_mlops.environments.lockfile import read_lock
 from jupyter_mlops.environments.solve import lock_environment
-from jupyter_mlops.environments.spec import current_platform, load_environment
+from jupyter_mlops.environments.spec import load_environment
 from jupyter_mlops.errors import EnvironmentSpecError
 
 from .channels import build_channel, define

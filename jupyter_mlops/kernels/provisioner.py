@@ -57,7 +57,6 @@ class MlopsLocalProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         from ..config import load_config
-        from ..errors import LimitExceededError
         from .launch import LocalKernels, plan_launch
         from .limits import check_limits
         from .profiles import KernelProfiles
