@@ -102,7 +102,7 @@ def test_kernelspecs_follow_environments_and_profiles(kernel_env: Config, instal
     from jupyter_mlops.kernels.kernelspecs import sync_from_config
 
     done = sync_from_config(kernel_env)
-    assert sorted(done.written) == ["mlops-demo-gpu-1", "mlops-demo-small"]
+    assert sorted(done.written) == ["mlops", "mlops-demo-gpu-1", "mlops-demo-small"]
     assert sync_from_config(kernel_env).written == []  # unchanged specs are not rewritten
     specs = KernelSpecManager().get_all_specs()
     assert specs["mlops-demo-small"]["spec"]["display_name"] == "Python (demo, Small)"

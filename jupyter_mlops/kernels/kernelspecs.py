@@ -4,6 +4,7 @@ JupyterLab's launcher, ``jupyter kernelspec list``, papermill (``-k``) and pipel
 as ordinary kernel specs, named ``mlops-<environment>-<profile>`` and shown as "Python (cpu, Small
 (2 CPU, 4 GiB))"; each runs the ``mlops-local`` provisioner with its environment and profile. They
 are written by ``jupyter mlops env create|remove`` and at server start (:func:`sync_kernelspecs`),
+with one more, ``mlops``, that a launch names when it chooses environment and profile itself,
 and only specs this module wrote (``metadata.mlops.generated``) are ever replaced or removed.
 """
 
@@ -17,16 +18,27 @@ from typing import Iterable
 
 from .profiles import Profile
 
-__all__ = ["kernelspec_name", "kernelspec_json", "sync_kernelspecs", "default_kernels_dir", "SyncResult"]
+__all__ = ["kernelspec_name", "kernelspec_json", "sync_kernelspecs", "sync_from_config", "default_kernels_dir",
+           "SyncResult", "BASE_SPEC"]
 
 PROVISIONER = "mlops-local"
+#: The spec a launch-time choice starts from: the ``mlops-local`` provisioner with no environment or
+#: profile of its own (the server's interpreter and the default profile unless the start says otherwise).
+BASE_SPEC = "mlops"
 
 
 def kernelspec_name(environment: str, profile: str) -> str:
     return f"mlops-{environment}-{profile}".lower()
 
 
-def kernelspec_json(environment: str, profile: Profile) -> dict:
+def kernelspec_json(environment: str | None, profile: Profile | None) -> dict:
+    """The spec of ``environment`` x ``profile``; both None: :data:`BASE_SPEC`."""
+    if environment is None or profile is None:
+        return {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python (mlops: the server's environment, default profile)", "language": "python",
+                "metadata": {"kernel_provisioner": {"provisioner_name": PROVISIONER, "config": {}},
+                             "mlops": {"generated": True, "environment": None, "profile": None, "gpus": 0},
+                             "debugger": True}}
     return {
         # "python" is replaced by the environment's own interpreter when the kernel starts
         "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -68,6 +80,7 @@ def sync_kernelspecs(environments: Iterable[str], profiles: Iterable[Profile], k
     """
     wanted = {kernelspec_name(env, p.name): kernelspec_json(env, p)
               for env in sorted(set(environments)) for p in profiles if p.allows_environment(env)}
+    wanted[BASE_SPEC] = kernelspec_json(None, None)
     written, removed = [], []
     for name, spec in wanted.items():
         file = kernels_dir / name / "kernel.json"
@@ -85,7 +98,7 @@ def sync_kernelspecs(environments: Iterable[str], profiles: Iterable[Profile], k
         partial.replace(file)
         written.append(name)
     if kernels_dir.is_dir():
-        for folder in sorted(kernels_dir.glob("mlops-*")):
+        for folder in sorted(kernels_dir.glob("mlops*")):
             if folder.name not in wanted and _ours(folder):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
