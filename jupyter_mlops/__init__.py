@@ -24,3 +24,10 @@ def unload_ipython_extension(ipython: Any) -> None:
     from .magics import unregister
 
     unregister(ipython)
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    """The Jupyter Server extension (REST API, kernel specs, warm pools): jupyter_mlops.server."""
+    from .server import _jupyter_server_extension_points as points
+
+    return points()

@@ -52,6 +52,11 @@ class ConfigError(MlopsError):
         super().__init__(f"{source}: {message}" if source else message)
 
 
+class NotAllowedError(ConfigError):
+    """A user asked for something the configuration does not grant them (a profile of another role,
+    an environment their profile does not run)."""
+
+
 class UsageError(MlopsError):
     """A command or magic was called the wrong way."""
 

@@ -286,3 +286,24 @@ def find_run(project_or_uri: Any, experiment: str) -> Any:
     runs = client.search_runs([exp.experiment_id], order_by=["start_time DESC"])
     assert runs, f"no run in experiment {experiment!r}"
     return runs[0]
+
+
+@pytest.fixture(scope="session")
+def mlops_demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Environment ``demo`` (mlops-demo 1.0, mlops-act, the stand-in python of tests/channels.py, a
+    variable MLOPS_LEVEL=3), locked and installed once by py-rattler from a channel built here.
+    Keys: root, definitions (the environments dir), envs, pkgs, prefix."""
+    from jupyter_mlops.environments.install import create_environment
+    from jupyter_mlops.environments.solve import lock_environment
+    from jupyter_mlops.environments.spec import load_environment
+
+    from .channels import build_channel, define
+
+    root = tmp_path_factory.mktemp("demo-env")
+    channel = build_channel(root)
+    defs = root / "environments"
+    define(defs / "demo", channel, "[python, 'mlops-demo <2', mlops-act]", "variables: {MLOPS_LEVEL: '3'}\n")
+    spec = load_environment(defs / "demo")
+    lock_environment(spec)
+    env = create_environment(spec, root / "envs", root / "pkgs")
+    return {"root": root, "definitions": defs, "envs": root / "envs", "pkgs": root / "pkgs", "prefix": env.prefix}

@@ -20,36 +20,16 @@ from traitlets.config import Config
 from jupyter_mlops.errors import GpuUnavailableError, KernelStartError, LimitExceededError
 from jupyter_mlops.kernels.registry import KERNELS
 
-from .channels import build_channel, define
 
 GPUS = [{"name": "Test GPU A", "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000001"},
         {"name": "Test GPU B", "uuid": "GPU-bbbbbbbb-0000-0000-0000-000000000002"}]
 
 
-@pytest.fixture(scope="module")
-def installed_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``demo`` (mlops-demo 1.0, mlops-act, the stand-in python) locked and installed once."""
-    from jupyter_mlops.config import load_config
-    from jupyter_mlops.environments.install import create_environment
-    from jupyter_mlops.environments.solve import lock_environment
-    from jupyter_mlops.environments.spec import load_environment
-
-    root = tmp_path_factory.mktemp("kernels")
-    channel = build_channel(root)
-    defs = root / "environments"
-    define(defs / "demo", channel, "[python, 'mlops-demo <2', mlops-act]", "variables: {MLOPS_LEVEL: '3'}\n")
-    spec = load_environment(defs / "demo")
-    lock_environment(spec)
-    config = load_config(read_files=False, envs_dir=str(root / "envs"), pkgs_dir=str(root / "pkgs"))
-    env = create_environment(spec, config.resolved_envs_dir, config.resolved_pkgs_dir)
-    return {"root": root, "definitions": defs, "envs": root / "envs", "pkgs": root / "pkgs", "prefix": env.prefix}
-
-
 @pytest.fixture
-def kernel_env(installed_demo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Config]:
-    monkeypatch.setenv("MLOPS_ENVIRONMENTS_DIR", str(installed_demo["definitions"]))
-    monkeypatch.setenv("MLOPS_ENVS_DIR", str(installed_demo["envs"]))
-    monkeypatch.setenv("MLOPS_PKGS_DIR", str(installed_demo["pkgs"]))
+def kernel_env(mlops_demo_env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Config]:
+    monkeypatch.setenv("MLOPS_ENVIRONMENTS_DIR", str(mlops_demo_env["definitions"]))
+    monkeypatch.setenv("MLOPS_ENVS_DIR", str(mlops_demo_env["envs"]))
+    monkeypatch.setenv("MLOPS_PKGS_DIR", str(mlops_demo_env["pkgs"]))
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)  # no jupyter_server_config.py of the repository's
     config = Config()
@@ -96,7 +76,7 @@ FACTS = ("import json, os, resource, sys, mlops_demo\n"
          "'data': resource.getrlimit(resource.RLIMIT_DATA)[0], 'path0': os.environ['PATH'].split(':')[0]}))")
 
 
-def test_kernelspecs_follow_environments_and_profiles(kernel_env: Config, installed_demo: dict[str, Path]) -> None:
+def test_kernelspecs_follow_environments_and_profiles(kernel_env: Config, mlops_demo_env: dict[str, Path]) -> None:
     from jupyter_client.kernelspec import KernelSpecManager
 
     from jupyter_mlops.kernels.kernelspecs import sync_from_config
@@ -112,7 +92,7 @@ def test_kernelspecs_follow_environments_and_profiles(kernel_env: Config, instal
     assert sync_from_config(kernel_env).removed == ["mlops-demo-gpu-1"]
 
 
-def test_a_kernel_runs_in_its_prefix_with_the_profile_applied(kernel_env: Config, installed_demo: dict[str, Path]) -> None:
+def test_a_kernel_runs_in_its_prefix_with_the_profile_applied(kernel_env: Config, mlops_demo_env: dict[str, Path]) -> None:
     from jupyter_mlops.kernels.kernelspecs import sync_from_config
 
     sync_from_config(kernel_env)
@@ -134,7 +114,7 @@ def test_a_kernel_runs_in_its_prefix_with_the_profile_applied(kernel_env: Config
             await km.shutdown_kernel(now=True)
 
     facts = asyncio.run(go())
-    prefix = str(installed_demo["prefix"])
+    prefix = str(mlops_demo_env["prefix"])
     assert facts["version"] == "1.0" and facts["act"] == "on" and facts["level"] == "3"
     assert facts["prefix"] == prefix and facts["path0"] == prefix + "/bin"
     assert facts["lock"] == prefix + "/conda-meta/mlops-lock.yml"

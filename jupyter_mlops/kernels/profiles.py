@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from traitlets import Dict, Unicode
 from traitlets.config import Configurable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NotAllowedError
 from .limits import UserLimits
 
 __all__ = ["Profile", "KernelProfiles", "parse_memory", "DEFAULT_PROFILES"]
@@ -132,10 +132,10 @@ class KernelProfiles(Configurable):
             raise ConfigError(f"no kernel profile {name!r} (known: {', '.join(profiles)})", source="kernel profiles")
         profile = profiles[name]
         if not profile.allows_user(self.roles(user)):
-            raise ConfigError(f"{user} may not use profile {name!r}: it is for role(s) {', '.join(profile.roles)}",
+            raise NotAllowedError(f"{user} may not use profile {name!r}: it is for role(s) {', '.join(profile.roles)}",
                               source="kernel profiles")
         if environment and not profile.allows_environment(environment):
-            raise ConfigError(f"profile {name!r} does not run environment {environment!r} (it runs: "
+            raise NotAllowedError(f"profile {name!r} does not run environment {environment!r} (it runs: "
                               f"{', '.join(profile.environments)})", source="kernel profiles")
         return profile
 

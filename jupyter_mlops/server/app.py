@@ -1,0 +1,51 @@
+"""The Jupyter Server extension: REST API under /mlops/api/, kernel specs and warm pools.
+
+Enabled on install (``jupyter-config/jupyter_server_config.d/jupyter_mlops.json``). At start it
+writes the kernel specs of the installed environments x profiles, checks the profiles (a broken
+profile stops the server with the reason, not the first kernel start) and starts the warm pools.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jupyter_server.extension.application import ExtensionApp
+
+from ..config import load_config
+from ..kernels.kernelspecs import sync_from_config
+from ..kernels.profiles import KernelProfiles
+from .handlers import HANDLERS
+from .pools import WarmPools
+from .service import KernelService
+
+__all__ = ["MlopsExtensionApp"]
+
+
+class MlopsExtensionApp(ExtensionApp):
+    name = "jupyter_mlops"
+    description = "jupyter_mlops: environments, profiles, GPUs and kernels of this server"
+    load_other_extensions = True
+
+    service: KernelService | None = None
+
+    def initialize_settings(self) -> None:
+        settings = load_config(self.serverapp.config)
+        KernelProfiles(config=settings.config).parsed()  # raises ConfigError naming profile and field
+        done = sync_from_config(settings.config)
+        if done.written or done.removed:
+            self.log.info("mlops: kernel specs written: %s; removed: %s", ", ".join(done.written) or "none",
+                          ", ".join(done.removed) or "none")
+        pools = WarmPools(self.serverapp.kernel_manager, config=settings.config, log=self.log)
+        self.service = KernelService(self.serverapp.kernel_manager, settings, pools)
+        self.settings["mlops_service"] = self.service
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(HANDLERS)
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        if self.service is not None:
+            self.service.pools.start()
+
+    async def stop_extension(self) -> None:
+        if self.service is not None:
+            await self.service.pools.stop()
