@@ -97,6 +97,16 @@ def test_a_known_environment_lock_is_recorded(tmp_path: Path, monkeypatch: pytes
     assert ("environment", "conda-lock.yml", lock.read_text()) in ctx.files
 
 
+def test_the_kernel_profile_and_environment_are_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLOPS_KERNEL_PROFILE", "gpu-1")
+    monkeypatch.setenv("MLOPS_KERNEL_ENVIRONMENT", "pytorch-gpu")
+    tags = capture(None, cwd=tmp_path).tags
+    assert (tags["mlops.kernel.profile"], tags["mlops.kernel.environment"]) == ("gpu-1", "pytorch-gpu")
+    monkeypatch.delenv("MLOPS_KERNEL_PROFILE")
+    monkeypatch.delenv("MLOPS_KERNEL_ENVIRONMENT")
+    assert "mlops.kernel.profile" not in capture(None, cwd=tmp_path).tags
+
+
 def test_a_plain_papermill_command_is_recognised_from_the_parent(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -278,6 +278,11 @@ def capture(notebook: Path | None, history: Sequence[str] = (), cwd: Path | None
         ctx.files.append(("environment", "conda-lock.yml", text))
     if os.environ.get("CONDA_PREFIX"):
         tags["mlops.conda.prefix"] = os.environ["CONDA_PREFIX"]
+    # set by the mlops kernel provisioners: what the kernel was started as
+    for variable, tag in (("MLOPS_KERNEL_ENVIRONMENT", "mlops.kernel.environment"),
+                          ("MLOPS_KERNEL_PROFILE", "mlops.kernel.profile")):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
     tags["mlops.host"] = socket.gethostname()
     tags["mlops.platform"] = platform.platform()
     cpus = os.cpu_count()
