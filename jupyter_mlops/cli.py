@@ -58,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ui)
 
     from .environment_cli import add_environment_commands
+    from .kernel_cli import add_kernel_commands
     from .pipeline_cli import add_pipeline_commands
     from .schedule_cli import add_schedule_commands
 
     add_pipeline_commands(sub)
     add_schedule_commands(sub)
     add_environment_commands(sub)
+    add_kernel_commands(sub)
     return parser
 
 

@@ -430,3 +430,24 @@ def test_limits_count_only_the_users_own_kernels() -> None:
     check_limits("alice", UserLimits(), RUNNING * 10, want_gpus=100)
     with pytest.raises(ConfigError):
         UserLimits(max_kernels=-1)
+
+
+def test_the_gpus_command_shows_holders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from jupyter_mlops.cli import main as cli
+    from jupyter_mlops.config import load_config
+    from jupyter_mlops.kernels.launch import LocalKernels
+    from jupyter_mlops.kernels.provisioner import gpu_allocator
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jupyter_mlops_config.py").write_text(
+        "c.LocalKernels.gpu_inventory = 'static'\n"
+        "c.LocalKernels.gpu_devices = [{'name': 'Test GPU', 'uuid': 'GPU-1'}, {'name': 'Test GPU', 'uuid': 'GPU-2'}]\n"
+        f"c.LocalKernels.gpu_lease_dir = {str(tmp_path / 'leases')!r}\n")
+    allocator = gpu_allocator(LocalKernels(config=load_config().config))
+    with allocator.allocate(1, {"user": "alice", "kernel_id": "k-1"}):
+        assert cli(["gpus"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert "held by alice (kernel k-1" in lines[0] and lines[1].endswith("free")
+    assert cli(["gpus", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["holders"] == []
