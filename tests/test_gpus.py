@@ -451,3 +451,12 @@ def test_the_gpus_command_shows_holders(tmp_path: Path, monkeypatch: pytest.Monk
         assert "held by alice (kernel k-1" in lines[0] and lines[1].endswith("free")
     assert cli(["gpus", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["holders"] == []
+
+
+def test_a_pooled_kernels_gpus_pass_to_whoever_claims_it(mlops_allocator: GpuAllocator) -> None:
+    lease = mlops_allocator.allocate(1, {"user": "pool:demo/gpu-1", "kernel_id": "k-9"})
+    lease.hand_over("alice")
+    assert [(h["user"], h["kernel_id"]) for h in mlops_allocator.holders()] == [("alice", "k-9")]
+    lease.release()
+    lease.hand_over("bob")  # too late: nothing is written for a lease given back
+    assert mlops_allocator.holders() == []

@@ -129,6 +129,17 @@ class Lease:
         if self._wakeup is not None and self._held:
             self._wakeup.notify()
 
+    def hand_over(self, user: str) -> None:
+        """The GPUs now serve ``user`` (a pooled kernel claimed): holders show them from now on."""
+        with self._lock:
+            if self._released:
+                return
+            self.owner["user"] = user
+            for record, _ in self._held:
+                data = _read_json(record)
+                if isinstance(data, dict):
+                    _write_json(record, {**data, "user": user})
+
     def __enter__(self) -> Lease:
         return self
 

@@ -137,6 +137,12 @@ class MlopsLocalProvisioner(LocalProvisioner):  # type: ignore[misc]
             info["mlops"] = record.to_json()
         return info
 
+    def hand_over(self, user: str) -> None:
+        """A pooled kernel claimed by ``user``: theirs in the registry and as the holder of its GPUs."""
+        KERNELS.hand_over(self.kernel_id, user)
+        if self._lease is not None:
+            self._lease.hand_over(user)
+
     def _release(self) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:

@@ -90,7 +90,7 @@ class WarmPools(LoggingConfigurable):
             self._wake.set()
             await self._hand_over(km, path)
             self._adopt(km)
-            KERNELS.hand_over(km.kernel_id, user)
+            km.provisioner.hand_over(user)
             return str(km.kernel_id)
         return None
 
