@@ -1,0 +1,474 @@
+"""Kernels benchmark: what a pooled kernel, a kernel in an environment prefix and `env create` cost.
+
+    python bench/kernels.py [--quick]
+
+Measures (issue 5, "Environments and kernels"), interleaved, medians:
+
+1. first reply on a pooled kernel: a ``KernelPool`` of kernels ``mlops-demo-default`` (the
+   ``mlops-local`` provisioner, environment ``demo``, profile ``default``), started and ready;
+   the time from ``pool.claim()`` to the first ``execute_reply`` of ``1+1``: the claim, a
+   ``BlockingKernelClient`` made from the kernel's connection info and its channels started, the
+   request and its reply (what a user of the pool pays; no readiness round trip: the pool hands
+   out kernels that already answered one), vs
+2. the anchor, a plain ``jupyter_client`` cold start: what ``jupyter_client.manager.start_new_kernel
+   (kernel_name="python3")`` does (``KernelManager.start_kernel``, a client, ``wait_for_ready``)
+   then ``execute("1+1")`` until its reply; for context also without ``wait_for_ready`` (the request
+   queued until the kernel is up), since jupyter_client's check spends 0.2 s or more flushing iopub;
+3. the same cold starts (with and without the wait) of ``mlops-demo-default``: the provisioner
+   plans the launch, applies the prefix's activation and runs the prefix's interpreter;
+4. ``env create``: ``create_environment`` of a locked definition of N small packages (30; the
+   default run 100) into a fresh prefix with an empty package cache; the same call again (no-op:
+   the prefix of that lock exists); and a second definition with the same dependencies (another
+   name, so another lock and prefix) sharing the now full package cache.
+
+No conda channel is reachable here, so the benchmark builds one with py-rattler-build in its
+temporary folder (as tests/channels.py does): a stand-in ``python`` whose ``bin/python`` is a
+shell script running this interpreter (which has ipykernel) with the prefix's site-packages
+first on the path, ``mlops-demo`` (a noarch: python module), ``mlops-act`` (an activation script)
+and N ``mlops-pad-NN`` (noarch: generic, a few small files each). ``MLOPS_ENVIRONMENTS_DIR``,
+``MLOPS_ENVS_DIR``, ``MLOPS_PKGS_DIR``, ``JUPYTER_DATA_DIR`` (so kernel specs, connection files
+and GPU leases) and ``JUPYTER_CONFIG_DIR`` point into that folder, the working folder is there
+too (no ``jupyter_server_config.py`` of the repository's is read), and all of it is removed at the
+end. The last line of stdout is one JSON object (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+warnings.filterwarnings("ignore")
+
+from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr  # noqa: E402
+
+log = Logger("kernels")
+
+GOALS = {
+    "pooled_first_reply_s": "<=0.05",
+    "vs_cold_jupyter_client": ">=12",
+    "cold_vs_jupyter_client": ">=0.91",
+}
+
+ENVIRONMENT = "demo"
+SECOND = "demo2"  # the same dependencies under another name: another lock, another prefix
+KERNEL = "mlops-demo-default"  # written by sync_from_config: environment demo x profile default
+ANCHOR_KERNEL = "python3"
+CODE = "1+1"
+
+SHIM = """#!/bin/sh
+prefix=$(cd "$(dirname "$0")/.." && pwd)
+PYTHONPATH="$prefix/lib/python{pyver}/site-packages${{PYTHONPATH:+:$PYTHONPATH}}" exec {python} "$@"
+"""
+
+# the kernel's own view, checked once per kind of kernel (untimed): it runs in the prefix
+CHECK = ("import os, sys, mlops_demo\n"
+         "value = [os.environ.get('CONDA_PREFIX', ''), os.environ.get('MLOPS_ACT', ''), mlops_demo.VERSION]")
+
+
+# -- the channel and the environments -------------------------------------------------------------------
+
+
+def package(channel: Path, stage: Path, name: str, version: str, subdir: str, files: dict[str, str],
+            **kw: Any) -> None:
+    """One conda package of ``files`` into ``channel/subdir`` (py-rattler-build, no recipe)."""
+    import rattler_build
+
+    folder = stage / f"{name}-{version}"
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+        if rel.startswith("bin/"):
+            (folder / rel).chmod(0o755)
+    (channel / subdir).mkdir(parents=True, exist_ok=True)
+    rattler_build.assemble_package(name=name, version=version, target_platform=subdir,
+                                   build_string=kw.pop("build", "0"), output_dir=str(channel / subdir),
+                                   files_dir=str(folder), compression_level=1, **kw)
+
+
+def build_channel(root: Path, pads: int) -> Path:
+    """The channel described in the module's docstring, indexed, under ``root/channel``."""
+    import rattler
+
+    channel, stage = root / "channel", root / "stage"
+    v = sys.version_info
+    package(channel, stage, "python", f"{v.major}.{v.minor}.{v.micro}", "linux-64",
+            {"bin/python": SHIM.format(pyver=f"{v.major}.{v.minor}", python=sys.executable)}, build="h0_0")
+    package(channel, stage, "mlops-demo", "1.0", "noarch", {"site-packages/mlops_demo.py": "VERSION = '1.0'\n"},
+            noarch="python", depends=["python >=3.8"], build="pyh0_0")
+    package(channel, stage, "mlops-act", "1.0", "noarch",
+            {"etc/conda/activate.d/mlops-act.sh": "export MLOPS_ACT=on\n"}, noarch="generic")
+    for i in range(pads):
+        # a few files of a few KiB, like a small data or script package
+        files = {f"share/mlops-pad-{i:02d}/part{j}.txt": (f"pad {i} part {j}\n" * 200) for j in range(8)}
+        package(channel, stage, f"mlops-pad-{i:02d}", "1.0", "noarch", files, noarch="generic")
+    done = rattler.index.index_fs(channel, force=True)
+    if inspect.isawaitable(done):
+        asyncio.run(done)
+    shutil.rmtree(stage, ignore_errors=True)
+    return channel
+
+
+def define(folder: Path, channel: Path, deps: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "environment.yml").write_text(f"channels: ['{channel.as_uri()}']\nplatforms: [linux-64]\n"
+                                            f"dependencies: {json.dumps(deps)}\n")
+    return folder
+
+
+# -- kernels ----------------------------------------------------------------------------------------------
+
+
+def first_reply(kc: Any, code: str = CODE, timeout: float = 60.0, **kw: Any) -> dict[str, Any]:
+    """Send ``code`` on the shell channel; the content of its ``execute_reply``."""
+    msg_id = kc.execute(code, **kw)
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = kc.get_shell_msg(timeout=max(0.01, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_reply":
+            content = msg["content"]
+            if content.get("status") != "ok":
+                raise RuntimeError(f"{code!r} -> {content.get('ename')}: {content.get('evalue')}")
+            return content
+
+
+def check_in_prefix(kc: Any, prefix: Path, what: str) -> None:
+    """The kernel runs in the prefix: activation applied, the prefix's package importable."""
+    content = first_reply(kc, CHECK, user_expressions={"v": "value"}, store_history=False)
+    got = content["user_expressions"]["v"]["data"]["text/plain"]
+    want = repr([str(prefix), "on", "1.0"])
+    if got != want:
+        raise RuntimeError(f"{what}: the kernel is not in the prefix: {got} (wanted {want})")
+
+
+class Bench:
+    def __init__(self, tmp: Path, p: dict[str, Any]) -> None:
+        self.tmp = tmp
+        self.p = p
+        self.work = tmp / "work"
+        self.kernel_logs = tmp / "kernel-logs"
+        self.prefix: Path | None = None
+        self.pool: Any = None
+        self.rounds = 0
+        self.phases: dict[str, list[tuple[float, ...]]] = {}
+
+    # environments ---------------------------------------------------------------------------------
+
+    def setup_environments(self) -> dict[str, float]:
+        """Channel, two definitions, their locks, ``demo`` installed where the product looks and
+        the kernel specs written; returns context timings."""
+        from jupyter_mlops.config import load_config
+        from jupyter_mlops.environments.install import create_environment
+        from jupyter_mlops.environments.solve import lock_environment
+        from jupyter_mlops.environments.spec import current_platform, load_environment
+        from jupyter_mlops.kernels.kernelspecs import sync_from_config
+
+        if current_platform() != "linux-64":
+            raise RuntimeError("the stand-in python of the benchmark's channel is built for linux-64")
+        t0 = time.perf_counter()
+        channel = build_channel(self.tmp, self.p["pads"])
+        built = time.perf_counter() - t0
+        deps = ["python", "mlops-demo", "mlops-act", *(f"mlops-pad-{i:02d}" for i in range(self.p["pads"]))]
+        defs = Path(os.environ["MLOPS_ENVIRONMENTS_DIR"])
+        t0 = time.perf_counter()
+        self.specs = {}
+        for name in (ENVIRONMENT, SECOND):
+            define(defs / name, channel, deps)
+            spec = load_environment(defs / name)
+            lock_environment(spec)
+            self.specs[name] = load_environment(defs / name)
+        locked = (time.perf_counter() - t0) / 2
+        self.packages = len(deps)
+        log(f"channel of {self.packages} packages built in {built:.1f} s; a lock takes {locked:.2f} s")
+        config = load_config()
+        env = create_environment(self.specs[ENVIRONMENT], config.resolved_envs_dir, config.resolved_pkgs_dir)
+        self.prefix = env.prefix
+        synced = sync_from_config()
+        if KERNEL not in synced.written:
+            raise RuntimeError(f"sync_from_config() wrote {synced.written}, not {KERNEL}")
+        log(f"{ENVIRONMENT} installed in {env.prefix}; kernel specs written: {', '.join(synced.written)}")
+        return {"channel_build_s": built, "env_lock_s": locked}
+
+    def env_round(self) -> tuple[float, float, float]:
+        """A fresh envs dir and an empty package cache: create ``demo``; again (no-op); ``demo2``
+        with the same packages, sharing the cache. Seconds of each."""
+        from jupyter_mlops.environments.install import create_environment
+
+        self.rounds += 1
+        base = self.tmp / "create" / f"r{self.rounds}"
+        envs, pkgs = base / "envs", base / "pkgs"
+        try:
+            t0 = time.perf_counter()
+            first = create_environment(self.specs[ENVIRONMENT], envs, pkgs)
+            t1 = time.perf_counter()
+            again = create_environment(self.specs[ENVIRONMENT], envs, pkgs)
+            t2 = time.perf_counter()
+            second = create_environment(self.specs[SECOND], envs, pkgs)
+            t3 = time.perf_counter()
+            if not first.created or again.created or not second.created or again.prefix != first.prefix:
+                raise RuntimeError(f"unexpected creates: {first}, {again}, {second}")
+            for env in (first, second):
+                if env.packages != self.packages or not (env.prefix / "lib").is_dir():
+                    raise RuntimeError(f"{env.prefix}: {env.packages} packages, wanted {self.packages}")
+            return t1 - t0, t2 - t1, t3 - t2
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    # kernels ----------------------------------------------------------------------------------------
+
+    def start_pool(self) -> float:
+        from jupyter_mlops.kernels.pool import KernelPool
+
+        t0 = time.perf_counter()
+        self.pool = KernelPool(KERNEL, size=self.p["pool_size"], cwd=self.work, log_dir=self.kernel_logs)
+        if not self.pool.wait_ready(timeout=180):
+            raise RuntimeError(f"the pool of {KERNEL} did not fill ({self.pool.ready} of {self.pool.size})")
+        return time.perf_counter() - t0
+
+    def cold(self, kernel_name: str, check: bool = False, wait: bool = True) -> float:
+        """``start_new_kernel`` + ``execute("1+1")``: launch, ready, first reply. ``wait=False``:
+        no ``wait_for_ready`` (the request waits in zmq's queue until the kernel is up), for context:
+        jupyter_client's readiness check spends a fixed 0.2 s or more flushing iopub."""
+        from jupyter_client.manager import KernelManager
+
+        self.kernel_logs.mkdir(exist_ok=True)
+        out = open(self.kernel_logs / f"cold-{kernel_name}.log", "ab")  # noqa: SIM115 - closed below
+        km = KernelManager(kernel_name=kernel_name)
+        kc = None
+        try:
+            t0 = time.perf_counter()
+            km.start_kernel(cwd=str(self.work), stdout=out, stderr=out)
+            t1 = time.perf_counter()
+            kc = km.client()
+            kc.start_channels()
+            if wait:
+                kc.wait_for_ready(timeout=60)
+            t2 = time.perf_counter()
+            first_reply(kc)
+            t3 = time.perf_counter()
+            if check and kernel_name == KERNEL:
+                check_in_prefix(kc, self.prefix, kernel_name)  # type: ignore[arg-type]
+        finally:
+            out.close()
+            if kc is not None:
+                kc.stop_channels()
+            with contextlib.suppress(Exception):
+                km.shutdown_kernel(now=True)
+        if wait:
+            self.phases.setdefault(kernel_name, []).append((t1 - t0, t2 - t1, t3 - t2))
+        return t3 - t0
+
+    def pooled(self, check: bool = False) -> float:
+        """Claim a ready kernel, connect a blocking client, ``1+1`` until its reply."""
+        from jupyter_client.blocking import BlockingKernelClient
+
+        pool = self.pool
+        if not pool.wait_ready(timeout=180):  # untimed: the pool is full, nothing else starting
+            raise RuntimeError("the pool did not refill")
+        kc = None
+        t0 = time.perf_counter()
+        kernel = pool.claim()
+        try:
+            t1 = time.perf_counter()
+            kc = BlockingKernelClient()
+            kc.load_connection_info(kernel.manager.get_connection_info())  # key and signature scheme
+            kc.start_channels()
+            t2 = time.perf_counter()
+            first_reply(kc)
+            t3 = time.perf_counter()
+            if check:
+                check_in_prefix(kc, self.prefix, "pooled kernel")  # type: ignore[arg-type]
+        finally:
+            if kc is not None:
+                kc.stop_channels()
+            pool.release(kernel)  # untimed: a kernel serves one claim
+            # untimed: the kernel the claim started in its place is up before the next measure, so
+            # no cold start shares the CPU with it
+            pool.wait_ready(timeout=180)
+        self.phases.setdefault("pooled", []).append((t1 - t0, t2 - t1, t3 - t2))
+        return t3 - t0
+
+    def readiness_check_cost(self) -> float:
+        """Context: what jupyter_client's own ``wait_for_ready`` adds on a pooled, ready kernel
+        (a user who calls it after the claim pays it)."""
+        from jupyter_client.blocking import BlockingKernelClient
+
+        pool = self.pool
+        pool.wait_ready(timeout=180)
+        kernel = pool.claim()
+        kc = BlockingKernelClient()
+        try:
+            kc.load_connection_info(kernel.manager.get_connection_info())
+            kc.start_channels()
+            t0 = time.perf_counter()
+            kc.wait_for_ready(timeout=60)
+            return time.perf_counter() - t0
+        finally:
+            kc.stop_channels()
+            pool.release(kernel)
+            pool.wait_ready(timeout=180)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+
+QUICK = {"pads": 30, "pool_size": 2, "kernel_rounds": 5, "env_rounds": 3, "readiness_checks": 0}
+DEFAULT = {"pads": 100, "pool_size": 2, "kernel_rounds": 9, "env_rounds": 7, "readiness_checks": 3}
+
+
+def run_all(b: Bench, p: dict[str, Any]) -> dict[str, float | None]:
+    m: dict[str, float | None] = {}
+    m.update(b.setup_environments())
+
+    # 4. env create -------------------------------------------------------------------------------
+    log(f"env create: {p['env_rounds']} x (empty cache, no-op, second environment sharing the cache), "
+        f"{b.packages} packages, after a warm-up round")
+    res = interleave(log, p["env_rounds"], [("env create", b.env_round)], warmup=[b.env_round])
+    rows = res["env create"]
+    m["env_create_s"] = median([r[0] for r in rows])
+    m["env_create_noop_s"] = median([r[1] for r in rows])
+    m["env_create_shared_cache_s"] = median([r[2] for r in rows])
+
+    # 1-3. kernels ----------------------------------------------------------------------------------
+    m["pool_fill_s"] = b.start_pool()
+    log(f"pool of {p['pool_size']} x {KERNEL} ready in {m['pool_fill_s']:.2f} s")
+    log(f"kernels: {p['kernel_rounds']} x (jupyter_client cold {ANCHOR_KERNEL}, cold {KERNEL}, pooled {KERNEL}) "
+        "after a warm-up of each (which checks the kernels run in the prefix)")
+    with stdout_to_stderr():
+        res = interleave(log, p["kernel_rounds"], [
+            ("cold_jupyter_client", lambda: b.cold(ANCHOR_KERNEL)),
+            ("cold_in_prefix", lambda: b.cold(KERNEL)),
+            ("pooled", b.pooled),
+            ("cold_no_wait", lambda: b.cold(ANCHOR_KERNEL, wait=False)),
+            ("cold_in_prefix_no_wait", lambda: b.cold(KERNEL, wait=False)),
+        ], warmup=[lambda: b.cold(ANCHOR_KERNEL), lambda: b.cold(KERNEL, check=True), lambda: b.pooled(check=True),
+                   lambda: b.cold(ANCHOR_KERNEL, wait=False), lambda: b.cold(KERNEL, wait=False)])
+        ready = [b.readiness_check_cost() for _ in range(p["readiness_checks"])]
+    m["cold_first_reply_s"] = median(res["cold_jupyter_client"])
+    m["cold_in_prefix_s"] = median(res["cold_in_prefix"])
+    m["pooled_first_reply_s"] = median(res["pooled"])
+    m["cold_no_wait_s"] = median(res["cold_no_wait"])
+    m["cold_in_prefix_no_wait_s"] = median(res["cold_in_prefix_no_wait"])
+    # where the time goes (medians of the timed rounds; the warm-up is the first entry of each)
+    for key, name, parts in (("cold", ANCHOR_KERNEL, ("launch", "ready", "reply")),
+                             ("cold_in_prefix", KERNEL, ("launch", "ready", "reply")),
+                             ("pooled", "pooled", ("claim", "connect", "reply"))):
+        timed = b.phases[name][1:]
+        for i, part in enumerate(parts):
+            m[f"{key}_{part}_s"] = median([t[i] for t in timed])
+    if ready:
+        m["wait_for_ready_on_pooled_s"] = median(ready)
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    quick = quick_mode(__doc__, "fewer repeats, 30 packages (< 60 s on 2 cores)", argv)
+    p = QUICK if quick else DEFAULT
+
+    started = time.perf_counter()
+    with scratch("bench-kernels-") as tmp:
+        os.environ.update({
+            "MLOPS_ENVIRONMENTS_DIR": str(tmp / "environments"),
+            "MLOPS_ENVS_DIR": str(tmp / "envs"),
+            "MLOPS_PKGS_DIR": str(tmp / "pkgs"),
+            "JUPYTER_DATA_DIR": str(tmp / "jupyter-data"),  # kernel specs, runtime (connection files, GPU leases)
+            "JUPYTER_CONFIG_DIR": str(tmp / "jupyter-config"),  # not the user's ~/.jupyter
+        })
+        os.environ.pop("JUPYTER_RUNTIME_DIR", None)
+        os.environ.pop("JUPYTER_PATH", None)
+        (tmp / "work").mkdir()
+        os.chdir(tmp / "work")  # no jupyter_server_config.py of the repository's (nor its folder's)
+        log(f"temp folder {tmp}; {'quick' if quick else 'default'} mode: {p}")
+        b = Bench(tmp, p)
+        try:
+            m = run_all(b, p)
+        finally:
+            b.close()
+    wall = time.perf_counter() - started
+    report(m, p, wall, quick)
+    return 0
+
+
+def secs(value: float | None) -> str:
+    """A table cell in seconds; under 10 ms in milliseconds (a no-op create, a pooled reply's parts)."""
+    if value is not None and not math.isnan(value) and value < 0.01:
+        return f"{value * 1000:.2f} ms"
+    return fmt(value, "s")
+
+
+def report(m: dict[str, float | None], p: dict[str, Any], wall: float, quick: bool) -> None:
+    def ratio(anchor_key: str, ours_key: str) -> float | None:
+        a, o = m.get(anchor_key), m.get(ours_key)
+        if a is None or o is None:
+            return None
+        return round(a / max(o, 1e-9), 2)
+
+    ratios = {
+        "vs_cold_jupyter_client": ratio("cold_first_reply_s", "pooled_first_reply_s"),
+        "cold_vs_jupyter_client": ratio("cold_first_reply_s", "cold_in_prefix_s"),
+        "vs_cold_no_wait": ratio("cold_no_wait_s", "pooled_first_reply_s"),
+        "cold_no_wait_vs_jupyter_client": ratio("cold_no_wait_s", "cold_in_prefix_no_wait_s"),
+        "shared_cache_vs_empty_cache": ratio("env_create_s", "env_create_shared_cache_s"),
+        "noop_vs_create": ratio("env_create_s", "env_create_noop_s"),
+    }
+    rows = [
+        # measure, anchor, anchor metric, ours metric, ratio, goal keys (on ours or on the ratio)
+        ("first reply, pooled kernel", "start_new_kernel", "cold_first_reply_s", "pooled_first_reply_s",
+         "vs_cold_jupyter_client", ["pooled_first_reply_s", "vs_cold_jupyter_client"]),
+        ("  same", "start, no ready wait", "cold_no_wait_s", "pooled_first_reply_s", "vs_cold_no_wait", []),
+        ("cold start in a prefix", "start_new_kernel", "cold_first_reply_s", "cold_in_prefix_s",
+         "cold_vs_jupyter_client", ["cold_vs_jupyter_client"]),
+        ("  same, no ready wait", "start, no ready wait", "cold_no_wait_s", "cold_in_prefix_no_wait_s",
+         "cold_no_wait_vs_jupyter_client", []),
+        ("env create, shared cache", "empty cache", "env_create_s", "env_create_shared_cache_s",
+         "shared_cache_vs_empty_cache", []),
+        ("env create, no-op", "empty cache", "env_create_s", "env_create_noop_s", "noop_vs_create", []),
+    ]
+    print()
+    print(f"kernels benchmark ({'--quick' if quick else 'default'}): medians; ratio = anchor / ours, bigger is better")
+    print(f"  kernels x{p['kernel_rounds']} (pool of {p['pool_size']}), env create x{p['env_rounds']} "
+          f"({p['pads'] + 3} packages); total {wall:.0f} s")
+    header = f"{'measure':<28} {'anchor':<20} {'anchor':>9} {'ours':>9} {'ratio':>9}  {'goal':<32} met"
+    print(header)
+    print("-" * len(header))
+    for label, anchor_name, a_key, o_key, r_key, goal_keys in rows:
+        r = ratios.get(r_key)
+        goals = [(g, GOALS[g], goal_met(m[g] if g in m else ratios.get(g), GOALS[g])) for g in goal_keys]
+        goal_txt = ", ".join(f"{g} {t}" for g, t, _ in goals)
+        met = ", ".join(ok for _, _, ok in goals)
+        r_txt = f"{r:>8.2f}x" if r is not None else f"{'-':>9}"
+        print(f"{label:<28} {anchor_name:<20} {secs(m.get(a_key)):>9} {secs(m.get(o_key)):>9} "
+              f"{r_txt}  {goal_txt:<32} {met}")
+    print(f"{'env create, empty cache':<28} {'(no anchor)':<20} {'':>9} {secs(m.get('env_create_s')):>9}")
+    print()
+    print("where the time goes (medians, s):")
+    print(f"  jupyter_client cold:  start_kernel {m['cold_launch_s']:.3f}, wait_for_ready {m['cold_ready_s']:.3f}, "
+          f"1+1 {m['cold_reply_s']:.3f}")
+    print(f"  cold in the prefix:   start_kernel {m['cold_in_prefix_launch_s']:.3f}, "
+          f"wait_for_ready {m['cold_in_prefix_ready_s']:.3f}, 1+1 {m['cold_in_prefix_reply_s']:.3f}")
+    print(f"  pooled:               claim {m['pooled_claim_s']:.4f}, client + channels {m['pooled_connect_s']:.4f}, "
+          f"1+1 {m['pooled_reply_s']:.4f}")
+    if m.get("wait_for_ready_on_pooled_s") is not None:
+        print(f"  (jupyter_client's wait_for_ready on a pooled kernel would add {m['wait_for_ready_on_pooled_s']:.3f})")
+    print(f"  pool of {p['pool_size']} filled in {m['pool_fill_s']:.2f}; channel built in {m['channel_build_s']:.1f}, "
+          f"a lock in {m['env_lock_s']:.2f}")
+    print()
+    # 4 significant figures: a claim (~50 us) or a no-op create (~0.2 ms) stays above 0
+    metrics = {key: (float(f"{v:.4g}") if v is not None else None) for key, v in m.items()}
+    print(json.dumps({"bench": "kernels", "metrics": metrics, "ratios": ratios, "goals": GOALS}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
