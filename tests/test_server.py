@@ -109,7 +109,8 @@ def test_reads_environments_profiles_and_gpus(api: Any, jp_serverapp: Any, jp_ke
 
 
 def test_a_pooled_kernel_is_claimed_once_and_works_through_the_server(api: Any, jp_serverapp: Any, jp_root_dir: Path,
-                                                                       jp_asyncio_loop: Any, jp_ws_fetch: Any) -> None:
+                                                                       jp_asyncio_loop: Any, jp_ws_fetch: Any,
+                                                                       jp_fetch: Any) -> None:
     (jp_root_dir / "sub").mkdir()
     pools = _service(jp_serverapp).pools
     assert jp_asyncio_loop.run_until_complete(pools.wait_ready(120))
@@ -123,6 +124,13 @@ def test_a_pooled_kernel_is_claimed_once_and_works_through_the_server(api: Any, 
     out = jp_asyncio_loop.run_until_complete(_execute(jp_ws_fetch, kernel["id"],
                                                       "import mlops_demo, os; print(mlops_demo.VERSION, os.getcwd())"))
     assert out.split()[0] == "1.0" and out.split()[1].endswith("/sub")
+    # an adopted kernel is a server kernel like any other: listed, restarted through the standard API
+    assert kernel["id"] in {k["id"] for k in json.loads(jp_asyncio_loop.run_until_complete(
+        jp_fetch("api", "kernels", headers={"X-Test-User": "bob"})).body)}
+    jp_asyncio_loop.run_until_complete(jp_fetch("api", "kernels", kernel["id"], "restart", method="POST", body="",
+                                                headers={"X-Test-User": "bob"}))
+    out = jp_asyncio_loop.run_until_complete(_execute(jp_ws_fetch, kernel["id"], "import mlops_demo; print(mlops_demo.VERSION)"))
+    assert out.strip() == "1.0" and api("bob", "GET", "kernels", kernel["id"])[1]["user"] == "bob"
     assert {k["id"] for k in api("bob", "GET", "kernels")[1]["kernels"]} == {kernel["id"], second["id"]}
     assert api("alice", "GET", "kernels")[1]["kernels"] == []  # a user sees only their own
     assert api("alice", "GET", "kernels", kernel["id"])[0] == 404

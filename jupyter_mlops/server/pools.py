@@ -210,10 +210,11 @@ class WarmPools(LoggingConfigurable):
         """Make ``km`` a kernel of the server's kernel manager, as its ``start_kernel`` would have.
 
         This is the one place that knows jupyter_server's bookkeeping of a started kernel (2.x):
-        the kernel table, connection count, activity markers, ports, activity watch and the
-        callback for a failed auto-restart.
+        the kernel table, connection count, activity markers, ports, activity watch, the callback
+        for a failed auto-restart and the running-kernels metric.
         """
         from jupyter_server._tz import utcnow
+        from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
 
         mkm, kernel_id = self.mkm, km.kernel_id
         mkm._kernels[kernel_id] = km
@@ -224,3 +225,4 @@ class WarmPools(LoggingConfigurable):
         mkm._kernel_ports[kernel_id] = km.ports
         mkm.start_watching_activity(kernel_id)
         mkm.add_restart_callback(kernel_id, lambda: mkm._handle_kernel_died(kernel_id), "dead")
+        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).inc()  # its shutdown decrements it
