@@ -174,3 +174,22 @@ def test_limits_and_missing_environments_fail_the_start_at_once(kernel_env: Conf
             await a.shutdown_kernel(now=True)
 
     asyncio.run(go())
+
+
+def test_papermill_runs_a_notebook_on_an_environment_kernel_spec(kernel_env: Config, tmp_path: Path) -> None:
+    import nbformat
+    import papermill
+
+    from jupyter_mlops.kernels.kernelspecs import sync_from_config
+
+    from .conftest import make_notebook
+
+    sync_from_config(kernel_env)
+    # papermill's kernel manager knows no server config: the provisioner reads the config files
+    (tmp_path / "jupyter_mlops_config.py").write_text(f"c.KernelProfiles.profiles = {kernel_env.KernelProfiles.profiles!r}\n")
+    notebook = make_notebook(tmp_path / "nb.ipynb", ["import mlops_demo, os\nprint(mlops_demo.VERSION, "
+                                                     "os.environ['MLOPS_KERNEL_PROFILE'])"])
+    papermill.execute_notebook(str(notebook), str(tmp_path / "out.ipynb"), kernel_name="mlops-demo-small",
+                               progress_bar=False)
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert out.cells[0].outputs[0]["text"].strip() == "1.0 small"
