@@ -94,7 +94,12 @@ class PooledKernel:
 
 
 class KernelPool:
-    """``size`` ready kernels of ``kernel_name``, each started in ``cwd`` with ``env`` added."""
+    """``size`` ready kernels of ``kernel_name``, each started in ``cwd`` with ``env`` added.
+
+    ``launch_kwargs`` go to every ``start_kernel`` call: a pool of the base spec ``mlops`` with
+    ``{"mlops_environment": "cpu", "mlops_profile": "small"}`` keeps kernels of that environment
+    and profile (see :mod:`.provisioner`).
+    """
 
     def __init__(
         self,
@@ -106,8 +111,10 @@ class KernelPool:
         startup_timeout: float = 60.0,
         max_starting: int | None = None,
         log_dir: str | os.PathLike[str] | None = None,
+        launch_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.kernel_name = kernel_name
+        self.launch_kwargs = dict(launch_kwargs or {})
         self.size = max(0, size)
         self.cwd = str(Path(cwd).resolve()) if cwd else os.getcwd()
         self.env = dict(env or {})
@@ -281,7 +288,7 @@ class KernelPool:
             output = {"stdout": open(log_path, "ab"), "stderr": subprocess.STDOUT}  # noqa: SIM115 - closed below
         try:
             try:
-                await manager.start_kernel(cwd=self.cwd, env=env, **output)
+                await manager.start_kernel(cwd=self.cwd, env=env, **output, **self.launch_kwargs)
             finally:
                 if output:
                     output["stdout"].close()  # the kernel holds its own descriptor now
