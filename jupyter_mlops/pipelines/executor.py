@@ -5,11 +5,15 @@ executor only runs one attempt and says how it ended. Executors are plug-ins: a 
 :class:`StepExecutor` declared under the entry point group ``jupyter_mlops.executors`` (the built-in
 ``local`` one included), picked by name with :func:`create_executor`. The Kubernetes issue adds
 one that runs a step as a Job.
+
+A step's kernel is chosen by its ``environment`` and ``profile`` (:func:`kernel_choice`); a step
+naming neither runs on the run's ``kernel_name`` (``python3`` unless told otherwise).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -18,9 +22,19 @@ from typing import Any, Callable, Mapping
 from ..errors import KernelStartError, MlopsError
 from .spec import StepSpec
 
-__all__ = ["StepExecutor", "LocalExecutor", "create_executor", "StepFailed", "Cancelled", "EXECUTOR_GROUP"]
+__all__ = ["StepExecutor", "LocalExecutor", "create_executor", "StepFailed", "Cancelled", "EXECUTOR_GROUP",
+           "KernelChoice", "DEFAULT_KERNEL", "kernel_choice"]
 
 EXECUTOR_GROUP = "jupyter_mlops.executors"
+
+#: (environment, profile) a step asked for; None where it named none.
+KernelChoice = tuple[str | None, str | None]
+#: A step that names neither: the run's own kernel spec.
+DEFAULT_KERNEL: KernelChoice = (None, None)
+
+
+def kernel_choice(step: StepSpec) -> KernelChoice:
+    return (step.environment or None, step.profile or None)
 
 
 class StepFailed(Exception):
@@ -50,12 +64,14 @@ class StepExecutor(ABC):
         self.workers = workers
         self.cancel = cancel
 
-    def prepare(self, steps: int) -> None:
-        """Called when ``steps`` steps will soon want to run: start what takes time (kernels)."""
+    def prepare(self, steps: int, kernels: Mapping[KernelChoice, int] | None = None) -> None:
+        """Called when ``steps`` steps will soon want to run: start what takes time (kernels).
+        ``kernels``: the same steps counted by :func:`kernel_choice` (None: not known)."""
 
-    def expect(self, soon: int) -> None:
+    def expect(self, soon: int, kernels: Mapping[KernelChoice, int] | None = None) -> None:
         """Called before each attempt with the number of steps that will want to run soon
-        (beside this one), so the executor keeps no more ready than will be used."""
+        (beside this one), so the executor keeps no more ready than will be used; ``kernels`` as
+        in :meth:`prepare`."""
 
     @abstractmethod
     def run(self, step: StepSpec, env: Mapping[str, str], out: Path,
@@ -74,10 +90,17 @@ class StepExecutor(ABC):
 
 
 class LocalExecutor(StepExecutor):
-    """Steps on kernels of this machine, taken from a :class:`~jupyter_mlops.kernels.pool.KernelPool`.
+    """Steps on this machine's kernels, each from a :class:`~jupyter_mlops.kernels.pool.KernelPool`.
 
-    ``pool``: a pool to take kernels from (its owner closes it); default: one of its own, started
-    by :meth:`prepare` and sized to the steps about to run.
+    ``pool``: a pool of ``kernel_name`` to take the kernels of steps that name no environment or
+    profile from (its owner closes it); default: one of its own, started by :meth:`prepare` and
+    sized to the steps about to run.
+
+    A step with an ``environment`` and/or ``profile`` runs on the ``mlops-local`` provisioner's base
+    spec (:data:`~jupyter_mlops.kernels.kernelspecs.BASE_SPEC`), from a pool of its own per choice,
+    made at the first claim. Those pools start a kernel only when a step claims one: a spare would
+    count against the user's kernel limit and hold its GPUs while it waits, and its start could
+    fail (no GPU free *then*) with an error the next step would get.
     """
 
     def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event,
@@ -85,42 +108,86 @@ class LocalExecutor(StepExecutor):
         super().__init__(base=base, kernel_name=kernel_name, workers=workers, cancel=cancel, work_dir=work_dir)
         self.pool = pool
         self._own_pool = pool is None
+        self._pools: dict[KernelChoice, Any] = {}  # environment/profile choice -> a pool of ours
+        self._specs_synced = False
+        self._closed = False
         self._lock = threading.Lock()
-        self._running: dict[int, Any] = {}  # thread id -> claimed kernel
+        self._running: dict[int, tuple[Any, Any]] = {}  # thread id -> (pool, claimed kernel)
         self.first_claim = threading.Event()
 
-    def prepare(self, steps: int) -> None:
-        self._ensure_pool(steps)
+    def prepare(self, steps: int, kernels: Mapping[KernelChoice, int] | None = None) -> None:
+        default = steps if kernels is None else kernels.get(DEFAULT_KERNEL, 0)
+        if default:  # no kernel of kernel_name is started for a run whose steps all name environments
+            self._ensure_pool(default)
 
-    def expect(self, soon: int) -> None:
+    def expect(self, soon: int, kernels: Mapping[KernelChoice, int] | None = None) -> None:
         if self._own_pool and self.pool is not None:
-            self.pool.size = min(self.workers, soon)
+            self.pool.size = min(self.workers, soon if kernels is None else kernels.get(DEFAULT_KERNEL, 0))
 
     def _ensure_pool(self, steps: int = 1) -> Any:
         with self._lock:
             if self.pool is None:
+                if self._closed:  # cancelled before any claim: a pool made now would outlive the run
+                    raise Cancelled() if self.cancel.is_set() else StepFailed("the executor is closed")
                 from ..kernels.pool import KernelPool
 
                 self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, steps)), cwd=self.base,
                                        log_dir=self.work_dir / "kernels" if self.work_dir else None)
             return self.pool
 
+    def _pool_for(self, choice: KernelChoice) -> Any:
+        """The pool of ``choice``'s kernels; raises :class:`StepFailed` when there can be none."""
+        if choice == DEFAULT_KERNEL:
+            return self._ensure_pool()
+        with self._lock:
+            if self._closed:  # cancelled: a pool made now would outlive the run
+                raise Cancelled() if self.cancel.is_set() else StepFailed("the executor is closed")
+            pool = self._pools.get(choice)
+            if pool is None:
+                from ..kernels.kernelspecs import BASE_SPEC
+                from ..kernels.pool import KernelPool
+
+                self._sync_kernelspecs()
+                environment, profile = choice
+                launch = {"mlops_environment": environment, "mlops_profile": profile}
+                # a log folder per choice: each pool numbers its kernels k1, k2, ... from 1
+                logs = re.sub(r"[^A-Za-z0-9._-]", "_", f"{environment or 'server'}-{profile or 'default'}")
+                pool = self._pools[choice] = KernelPool(
+                    BASE_SPEC, size=0, cwd=self.base, launch_kwargs={k: v for k, v in launch.items() if v},
+                    log_dir=self.work_dir / "kernels" / logs if self.work_dir else None)
+            return pool
+
+    def _sync_kernelspecs(self) -> None:
+        """Make sure the base spec exists (once per run; it rewrites nothing unchanged)."""
+        if self._specs_synced:
+            return
+        from ..kernels.kernelspecs import sync_from_config
+
+        try:
+            sync_from_config()
+        except MlopsError as e:  # a profile that does not parse, say: this step fails, saying why
+            raise StepFailed(f"kernel specs could not be written: {e}") from e
+        self._specs_synced = True
+
     def run(self, step: StepSpec, env: Mapping[str, str], out: Path,
             on_cell: Callable[[int, int], None]) -> None:
         from .notebook import execute_on_kernel
 
-        pool = self._ensure_pool()
+        choice = kernel_choice(step)
+        pool = self._pool_for(choice)
         try:
             kernel = pool.claim()
         except KernelStartError as e:
-            raise StepFailed(str(e)) from e
+            # the provisioner's own one-line reason (not installed, not allowed, no GPU free, a limit)
+            reason = e.__cause__ if choice != DEFAULT_KERNEL and isinstance(e.__cause__, MlopsError) else e
+            raise StepFailed(str(reason)) from e
         self.first_claim.set()
         me = threading.get_ident()
-        self._running[me] = kernel
+        self._running[me] = (pool, kernel)
         timed_out = threading.Event()
-        timer = self._watchdog(step, kernel, timed_out)
+        timer = self._watchdog(step, pool, kernel, timed_out)
         try:
-            failure = execute_on_kernel(step.notebook, out, step.parameters, kernel.manager, self.kernel_name,
+            failure = execute_on_kernel(step.notebook, out, step.parameters, kernel.manager, kernel.kernel_name,
                                         setup=setup_code(env, self.base), on_cell=on_cell)
         except Exception as e:  # the kernel died, was shut down (timeout, Ctrl-C), or papermill failed
             if self.cancel.is_set():
@@ -142,11 +209,10 @@ class LocalExecutor(StepExecutor):
                                  f"the partial output is in {out}", out)
             raise StepFailed(f"cell {failure.cell_index} raised {failure.error}; the partial output is in {out}", out)
 
-    def _watchdog(self, step: StepSpec, kernel: Any, fired: threading.Event) -> threading.Timer | None:
+    def _watchdog(self, step: StepSpec, pool: Any, kernel: Any, fired: threading.Event) -> threading.Timer | None:
         """At the step's timeout: interrupt the kernel; 5 s later, if still busy, shut it down."""
         if not step.timeout:
             return None
-        pool = self.pool
 
         def expire() -> None:
             fired.set()
@@ -161,18 +227,23 @@ class LocalExecutor(StepExecutor):
         return timer
 
     def interrupt(self) -> None:
-        if self.pool is not None:
-            for kernel in list(self._running.values()):
-                self.pool.interrupt(kernel)
+        for pool, kernel in list(self._running.values()):
+            pool.interrupt(kernel)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.close()  # ours: every kernel it started, claimed or not, is shut down
         if self.pool is None:
             return
         if self._own_pool:
-            self.pool.close()  # every kernel it started, claimed or not, is shut down
+            self.pool.close()
         else:
-            for kernel in list(self._running.values()):
-                self.pool.release(kernel, now=True)
+            for pool, kernel in list(self._running.values()):
+                if pool is self.pool:
+                    pool.release(kernel, now=True)
 
 
 def setup_code(env: Mapping[str, str], cwd: Path) -> str:

@@ -30,7 +30,14 @@ from ..config import MlopsConfig, load_config
 from ..errors import MlopsError, PipelineSpecError
 from . import cache
 from .dag import Dag, build_dag
-from .executor import Cancelled, StepExecutor, StepFailed, create_executor
+from .executor import (
+    Cancelled,
+    KernelChoice,
+    StepExecutor,
+    StepFailed,
+    create_executor,
+    kernel_choice,
+)
 from .history import RunHistory
 from .recording import PipelineRecorder
 from .results import DONE_OK, STEP_STATES, PipelineResult, StepResult
@@ -177,7 +184,8 @@ class _Runner:
         self.history.start(self.result, parameters=self.parameters, options=self.options,
                            resumed_from=self.resumed_from, schedule_id=self.schedule_id)
         if self.force or self._likely_misses():
-            self.executor.prepare(sum(1 for s in self.result.steps.values() if s.status == "pending"))
+            pending = [n for n, s in self.result.steps.items() if s.status == "pending"]
+            self.executor.prepare(len(pending), self._kernels(pending))
             self._prewarm_data()
         try:
             self._loop()
@@ -352,7 +360,8 @@ class _Runner:
     def _attempt(self, step: StepSpec, res: StepResult, attempt: int) -> Path:
         out = self.outputs_dir / (f"{_safe(step.name)}.ipynb" if attempt == 1 else f"{_safe(step.name)}.attempt{attempt}.ipynb")
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.executor.expect(self._frontier())
+        soon = self._frontier()
+        self.executor.expect(len(soon), self._kernels(soon))
         self.executor.run(step, self._step_env(step, res, out), out, lambda n, m: self._cell(res, n, m))
         missing = [rel for rel in step.outputs if not (self.base / rel).exists()]
         if missing:
@@ -401,17 +410,25 @@ class _Runner:
 
     # -- kernels ----------------------------------------------------------------------------------
 
-    def _frontier(self) -> int:
+    def _frontier(self) -> list[str]:
         """Steps that will want a kernel soon: pending, with everything they need running or
         done. Kernels for steps further down would only take CPU from the running ones."""
-        soon = 0
+        soon = []
         for name, res in self.result.steps.items():
             if res.status != "pending":
                 continue
             parents = [self.result.steps.get(p) for p in self.dag.parents[name]]
             if all(p is None or p.status in ("running", *DONE_OK) for p in parents):
-                soon += 1
+                soon.append(name)
         return soon
+
+    def _kernels(self, names: Iterable[str]) -> dict[KernelChoice, int]:
+        """How many of ``names`` want a kernel of each (environment, profile)."""
+        counts: dict[KernelChoice, int] = {}
+        for name in names:
+            choice = kernel_choice(self.spec.steps[name])
+            counts[choice] = counts.get(choice, 0) + 1
+        return counts
 
     def _cancel_all(self) -> None:
         self.cancel.set()
