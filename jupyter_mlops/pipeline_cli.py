@@ -28,7 +28,7 @@ def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--force", action="store_true", help="run every selected step even when its cache says unchanged")
     p.add_argument("--workers", type=int, help="steps at once (default: the pipeline's `workers:`, else 2)")
     p.add_argument("--no-progress", action="store_true", help="one line per step state change, nothing redrawn")
-    p.add_argument("--kernel", default="python3", help="kernel spec for the steps (default python3)")
+    p.add_argument("--kernel", default="python3", help="kernel spec for steps that name no environment or profile (default python3)")
     p.add_argument("--schedule-id", help=argparse.SUPPRESS)  # set by the scheduler
     p.set_defaults(func=_cmd_run)
 

@@ -246,3 +246,15 @@ def test_ctrl_c_shuts_down_the_environment_kernels_too(mlops_kernels_project: Pr
     assert not alive, f"kernels left behind: {[p.pid for p in alive]}"
     steps = {r["step"]: r["status"] for r in store.query("SELECT step, status FROM step_runs")}
     assert steps == {"in_env": "cancelled", "plain": "cancelled"}
+
+
+def test_re_locking_an_environment_changes_the_keys_of_its_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_mlops.pipelines.cache import _environment_lock
+
+    monkeypatch.setenv("MLOPS_ENVIRONMENTS_DIR", str(tmp_path))
+    (tmp_path / "demo").mkdir()
+    assert _environment_lock("demo") is None and _environment_lock(None) is None
+    (tmp_path / "demo" / "conda-lock.yml").write_text("version: 1\npackage: []\n")
+    first = _environment_lock("demo")
+    (tmp_path / "demo" / "conda-lock.yml").write_text("version: 1\npackage: [{name: x}]\n")
+    assert first is not None and _environment_lock("demo") not in (None, first)

@@ -7,7 +7,7 @@ A step's key is the sha256 of, in canonical JSON:
   * the step's resolved parameters and its declared outputs;
   * the versions (DVC md5s) of its inputs;
   * the environment: interpreter, installed packages, conda lock, and the step's environment
-    and profile names.
+    and profile names with that environment's lock.
 A step is a hit when its key equals the key of its last success and each output still has the
 version recorded then (a stat snapshot check: nothing is hashed unless it changed on disk).
 """
@@ -74,6 +74,20 @@ def environment_digest() -> str:
     return _env_digest
 
 
+def _environment_lock(environment: str | None) -> str | None:
+    """sha256 of a named environment's lock (read each time: a long-lived scheduler sees a re-lock),
+    so re-locking an environment re-runs the steps that use it."""
+    if not environment:
+        return None
+    from ..config import load_config  # half a millisecond: config files may change between runs too
+
+    lock = load_config().resolved_environments_dir / environment / "conda-lock.yml"
+    try:
+        return hashlib.sha256(lock.read_bytes()).hexdigest()
+    except OSError:
+        return None  # not locked: the step fails to start and is never cached
+
+
 def _content_md5(path: Path) -> str:
     """md5 of a file's bytes, or of a folder's sorted (relative path, md5) list."""
     if path.is_file():
@@ -137,7 +151,7 @@ def step_key(step: StepSpec, inputs: Mapping[str, str]) -> str:
         "outputs": step.outputs,
         "inputs": dict(inputs),
         "environment": environment_digest(),
-        "kernel": [step.environment, step.profile],
+        "kernel": [step.environment, step.profile, _environment_lock(step.environment)],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 
