@@ -3,6 +3,7 @@ real environment prefix, GPUs from the static inventory (the product's seam wher
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -68,6 +69,9 @@ def jp_server_config(tmp_path: Path) -> Config:
 @pytest.fixture
 def api(mlops_env_vars: None, jp_serverapp: Any, jp_fetch: Any, jp_asyncio_loop: Any) -> Any:
     """``api(user, method, *path, body=None) -> (status, json)``; an error status is returned, not raised."""
+    # pytest-jupyter's loop is the current one only if no earlier test left the main thread without
+    # one (asyncio.run and the pipelines' per-thread loop cleanup both set it to None)
+    asyncio.set_event_loop(jp_asyncio_loop)
 
     def call(user: str, method: str, *path: str, body: Any = None) -> tuple[int, Any]:
         kw: dict[str, Any] = {"method": method, "headers": {"X-Test-User": user}}

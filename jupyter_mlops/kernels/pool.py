@@ -32,7 +32,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 
 from ..errors import KernelStartError
 
-__all__ = ["KernelPool", "PooledKernel", "ReadyKernelClient", "KernelStartError"]
+__all__ = ["KernelPool", "PooledKernel", "ReadyKernelClient", "KernelStartError", "warm_up"]
 
 log = logging.getLogger("jupyter_mlops.kernels")
 
@@ -73,6 +73,27 @@ class ReadyKernelClient(AsyncKernelClient):
         with contextlib.suppress(Empty):
             while True:
                 await self.iopub_channel.get_msg(timeout=0.005)
+
+
+async def warm_up(manager: Any, timeout: float) -> None:
+    """Wait until a started kernel answers, then pay its one-time first-execution cost.
+
+    An IPython kernel's first execution costs ~0.2 s of set-up (history, display hooks); a pooled
+    kernel pays it before anyone claims it. Silent: no state, no history, no output. Readiness is
+    checked with :class:`ReadyKernelClient`, whatever client class the manager has.
+    """
+    client = ReadyKernelClient(parent=manager, session=manager.session)
+    client.load_connection_info(manager.get_connection_info(session=True))
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=timeout)
+        request = client.execute("pass", silent=True, store_history=False)
+        while True:
+            reply = await client.shell_channel.get_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == request:
+                break
+    finally:
+        client.stop_channels()
 
 
 @dataclass
@@ -292,19 +313,7 @@ class KernelPool:
             finally:
                 if output:
                     output["stdout"].close()  # the kernel holds its own descriptor now
-            client = manager.client()
-            client.start_channels()
-            try:
-                await client.wait_for_ready(timeout=self.startup_timeout)
-                # An IPython kernel's first execution costs ~0.2 s of one-time set-up (history,
-                # display hooks); pay it here, ahead of the claim. Silent: no state, no history.
-                request = client.execute("pass", silent=True, store_history=False)
-                while True:
-                    reply = await client.shell_channel.get_msg(timeout=self.startup_timeout)
-                    if reply["parent_header"].get("msg_id") == request:
-                        break
-            finally:
-                client.stop_channels()
+            await warm_up(manager, self.startup_timeout)
         except BaseException as e:  # a failed start is reported to the waiting claim
             with contextlib.suppress(Exception):
                 await manager.shutdown_kernel(now=True)

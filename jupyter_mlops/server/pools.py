@@ -27,6 +27,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import ConfigError
 from ..kernels.kernelspecs import BASE_SPEC
+from ..kernels.pool import warm_up
 from ..kernels.registry import KERNELS
 
 __all__ = ["WarmPools", "pool_key"]
@@ -145,15 +146,7 @@ class WarmPools(LoggingConfigurable):
                 kernel_id=kernel_id, cwd=self.mkm.root_dir, env=dict(os.environ),
                 mlops_environment=pool.environment, mlops_profile=pool.profile,
                 mlops_pool=pool_key(pool.environment, pool.profile)), self.startup_timeout)
-            client = km.client()
-            client.start_channels()
-            try:
-                await client.wait_for_ready(timeout=self.startup_timeout)
-                # the kernel's one-time first-execution cost, paid before anyone claims it
-                await client.execute_interactive("pass", silent=True, store_history=False,
-                                                 timeout=self.startup_timeout)
-            finally:
-                client.stop_channels()
+            await warm_up(km, self.startup_timeout)
         except asyncio.CancelledError:  # the server stops: no kernel is left behind half-started
             await self._discard(km)
             raise
