@@ -4,6 +4,9 @@ Solved by py-rattler (no conda or micromamba needed), against the channels the d
 (``conda-forge`` and other names resolve to conda.anaconda.org; a ``file://`` or ``https://`` URL
 is used as it is). For the machine's own platform the solve sees its virtual packages (``__glibc``,
 ``__cuda``...); for other platforms, none unless declared later.
+
+A ``pip:`` section is locked after the conda solve of each platform, by pip itself, for the Python
+that solve picked (:mod:`.pip`); the lock file is written only when every platform has resolved.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ def lock_environment(spec: EnvironmentSpec) -> Path:
     """Solve ``spec`` for its platforms and write its lock file; returns the lock's path.
 
     Raises :class:`EnvironmentSpecError` when the definition cannot be solved (the solver's own
-    explanation, shortened) or names a pip section (not lockable yet).
+    explanation, shortened) or its pip section cannot be resolved (pip's reason); the lock file is
+    then left as it was.
     """
-    if spec.pip:
-        raise EnvironmentSpecError(str(spec.file), None, "the `pip:` section cannot be locked yet; lock the conda "
-                                   "part without it, or use conda-lock for this environment")
     records = asyncio.run(_solve_all(spec))
-    return write_lock(spec, records)
+    pip = {}
+    if spec.pip:
+        from .pip import resolve_pip
+
+        pip = {platform: resolve_pip(spec, platform, found) for platform, found in records.items()}
+    return write_lock(spec, records, pip=pip)
 
 
 async def _solve_all(spec: EnvironmentSpec) -> dict[str, list[Any]]:
