@@ -9,6 +9,11 @@ until removed, and creating the same lock again is a no-op.
 An install goes into ``<prefix>.partial`` and is renamed into place only when complete, with the
 lock kept inside it (``conda-meta/mlops-lock.yml``): an interrupted create leaves a ``.partial``
 folder (cleared by the next create), never a prefix that looks complete.
+
+The lock's ``manager: pip`` packages of this platform are downloaded and checked against their
+sha256 before anything is linked, and installed by the prefix's own pip after the conda packages,
+still inside the ``.partial`` folder (:mod:`.pip`). Files that embed the prefix's path (conda's
+placeholders, pip's script lines) name the final prefix, not the ``.partial`` one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import EnvironmentSpecError, MlopsError
-from .lockfile import read_lock
+from .lockfile import read_lock, read_pip_lock
 from .spec import EnvironmentSpec, current_platform
 
 __all__ = ["InstalledEnvironment", "create_environment", "installed", "remove_environment", "LOCK_COPY"]
@@ -54,7 +59,9 @@ def create_environment(spec: EnvironmentSpec, envs_dir: Path, cache_dir: Path, *
     """Install ``spec``'s lock for this platform. Returns at once when that lock is installed.
 
     Raises :class:`EnvironmentSpecError` for a missing or damaged lock, :class:`MlopsError` when
-    the packages cannot be fetched or linked (with py-rattler's reason).
+    the packages cannot be fetched or linked (with py-rattler's or pip's reason), when a pip
+    wheel's sha256 differs from the lock's, or when the lock has pip packages and the prefix no
+    ``bin/python -m pip``. On any failure no prefix is left, complete or partial.
     """
     if not spec.locked:
         raise EnvironmentSpecError(str(spec.lock_file), None, f"{spec.name} is not locked; run `jupyter mlops env "
@@ -65,32 +72,50 @@ def create_environment(spec: EnvironmentSpec, envs_dir: Path, cache_dir: Path, *
         packages = json.loads((prefix / MARKER).read_text())["packages"]
         return InstalledEnvironment(spec.name, prefix, digest, packages, created=False)
     packages = read_lock(spec.lock_file, current_platform())
+    wheels = read_pip_lock(spec.lock_file, current_platform())
     partial = prefix.with_name(prefix.name + ".partial")
     if partial.exists():
         say(f"removing an unfinished earlier create: {partial}")
         shutil.rmtree(partial)
     envs_dir.mkdir(parents=True, exist_ok=True)
-    say(f"installing {len(packages)} packages of {spec.name} into {prefix}")
+    count = len(packages) + len(wheels)
+    say(f"installing {count} packages of {spec.name} into {prefix}")
     try:
-        asyncio.run(_install(packages, partial, cache_dir))
+        files = _fetch_wheels(wheels, cache_dir)  # a wrong hash stops here: nothing linked yet
+        asyncio.run(_install(packages, partial, prefix, cache_dir))
+        if wheels:
+            from .pip import install_wheels
+
+            install_wheels(wheels, files, partial, final=prefix)
     except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
+        if isinstance(e, MlopsError):
+            raise MlopsError(f"{spec.name}: {e}") from e
         raise MlopsError(f"{spec.name}: the packages could not be installed ({' '.join(str(e).split())[:400]})") from e
     (partial / LOCK_COPY).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.lock_file, partial / LOCK_COPY)
-    (partial / MARKER).write_text(json.dumps({"name": spec.name, "lock_sha256": digest, "packages": len(packages),
+    (partial / MARKER).write_text(json.dumps({"name": spec.name, "lock_sha256": digest, "packages": count,
                                               "definition": str(spec.folder)}))
     os.replace(partial, prefix)  # complete, or not there at all
-    return InstalledEnvironment(spec.name, prefix, digest, len(packages), created=True)
+    return InstalledEnvironment(spec.name, prefix, digest, count, created=True)
 
 
-async def _install(packages: list, prefix: Path, cache_dir: Path) -> None:
+def _fetch_wheels(wheels: list, cache_dir: Path) -> list[Path]:
+    if not wheels:
+        return []
+    from .pip import fetch_wheels
+
+    return fetch_wheels(wheels, cache_dir)
+
+
+async def _install(packages: list, prefix: Path, final: Path, cache_dir: Path) -> None:
     import rattler
 
+    # linked into the .partial folder, but with the final prefix written into files that embed it
     await rattler.install([p.to_record() for p in packages], target_prefix=prefix, cache_dir=cache_dir,
-                          show_progress=False)
+                          show_progress=False, alternative_target_prefix=final)
 
 
 def installed(envs_dir: Path) -> list[InstalledEnvironment]:
