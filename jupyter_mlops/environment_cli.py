@@ -90,7 +90,15 @@ def _sync_kernelspecs() -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .environments.lockfile import read_lock
+    """The conda packages as an explicit list; the lock's pip packages after them as comment lines.
+
+    Comments, because conda and micromamba read an explicit file's URLs as conda packages and skip
+    comments: ``micromamba create --file`` stays exact for the conda part, and nothing is lost. Each
+    such line is ``# pip: NAME @ URL --hash=sha256:HASH``, so the lines without their ``# pip: ``
+    make a requirements file for ``python -m pip install --no-deps --require-hashes -r`` in the
+    new environment.
+    """
+    from .environments.lockfile import read_lock, read_pip_lock
     from .environments.spec import current_platform
 
     spec = _spec(args.name)
@@ -99,6 +107,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print("@EXPLICIT")
     for package in read_lock(spec.lock_file, current_platform()):
         print(f"{package.url}#{package.md5}")
+    wheels = read_pip_lock(spec.lock_file, current_platform())
+    if wheels:
+        print("# pip packages (not installed from this file; strip '# pip: ' for pip install --no-deps "
+              "--require-hashes -r):")
+    for wheel in wheels:
+        print(f"# pip: {wheel.name} @ {wheel.url} --hash=sha256:{wheel.sha256}")
     return 0
 
 
