@@ -19,7 +19,13 @@ Measures (issue 5, "Environments and kernels"), interleaved, medians:
 4. ``env create``: ``create_environment`` of a locked definition of N small packages (30; the
    default run 100) into a fresh prefix with an empty package cache; the same call again (no-op:
    the prefix of that lock exists); and a second definition with the same dependencies (another
-   name, so another lock and prefix) sharing the now full package cache.
+   name, so another lock and prefix) sharing the now full package cache;
+5. through a real ``jupyter server`` (a subprocess on a free loopback port with a token; our
+   extension is enabled on install; ``c.WarmPools.sizes = {"demo/default": 2}``), what a JupyterLab
+   user pays: ``POST /mlops/api/kernels`` (a claim from the server's pool), the kernel's websocket,
+   ``1+1`` until its ``execute_reply``, vs the anchor on the same server, ``POST /api/kernels``
+   ``{"name": "python3"}`` (jupyter_server's own start), websocket, ``1+1``; with the parts of each
+   (POST, websocket open, to the kernel, exec, delivery; see bench/README.md).
 
 No conda channel is reachable here, so the benchmark builds one with py-rattler-build in its
 temporary folder (as tests/channels.py does): a stand-in ``python`` whose ``bin/python`` is a
@@ -57,6 +63,8 @@ GOALS = {
     "pooled_first_reply_s": "<=0.05",
     "vs_cold_jupyter_client": ">=12",
     "cold_vs_jupyter_client": ">=0.91",
+    "server_pooled_first_reply_s": "<=0.05",
+    "server_vs_cold": ">=12",
 }
 
 ENVIRONMENT = "demo"
@@ -160,6 +168,7 @@ class Bench:
         self.pool: Any = None
         self.rounds = 0
         self.phases: dict[str, list[tuple[float, ...]]] = {}
+        self.server_misses = 0
 
     # environments ---------------------------------------------------------------------------------
 
@@ -320,12 +329,309 @@ class Bench:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+            self.pool = None
+
+
+# -- through the Jupyter server ---------------------------------------------------------------------------
+
+SERVER_CONFIG = """\
+c.ServerApp.open_browser = False
+c.ServerApp.ip = "127.0.0.1"
+c.ServerApp.port = {port}
+c.ServerApp.port_retries = 0
+c.ServerApp.allow_root = True  # containers run as root; the server refuses to otherwise
+c.ServerApp.root_dir = {root!r}
+c.IdentityProvider.token = {token!r}
+c.AsyncMultiKernelManager.use_pending_kernels = False  # the default: POST /api/kernels awaits the launch
+c.WarmPools.sizes = {{"{environment}/default": {size}}}
+"""
+
+
+# the pieces of a first reply through the server, as the client and the kernel's clock see them
+SERVER_PARTS = ("post", "ws_open", "to_kernel", "exec", "delivery")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kernel_pids(tmp: Path) -> set[int]:
+    """``ipykernel_launcher`` processes whose command line names this run's folder (their connection
+    file lies in its JUPYTER_DATA_DIR): this run's kernels, not anyone else's on the machine."""
+    import subprocess
+
+    done = subprocess.run(["pgrep", "-af", "ipykernel_launcher"], capture_output=True, text=True, check=False)
+    return {int(line.split()[0]) for line in done.stdout.splitlines() if str(tmp) in line}
+
+
+class ServerBench:
+    """A real ``jupyter server`` (our extension enabled on install), its pool of ``demo/default``,
+    and a client that talks to it as JupyterLab does: REST with a token, then the kernel's websocket."""
+
+    def __init__(self, tmp: Path, p: dict[str, Any], prefix: Path | None) -> None:
+        self.tmp = tmp
+        self.p = p
+        self.prefix = prefix
+        self.proc: Any = None
+        self.log_path = tmp / "server.log"
+        self.loop = asyncio.new_event_loop()
+        self.phases: dict[str, list[tuple[float, ...]]] = {"pooled": [], "cold": []}
+        self.cookies: dict[str, str] = {}
+        self.misses = 0  # claims answered "started": the pool was empty (re-measured after a refill)
+
+    # the server ----------------------------------------------------------------------------------
+
+    def start(self) -> float:
+        """Start the server and wait until it answers; seconds."""
+        import secrets
+        import subprocess
+
+        self.port, self.token = free_port(), secrets.token_hex(16)
+        self.base = f"http://127.0.0.1:{self.port}"
+        config_dir = self.tmp / "server-config"
+        config_dir.mkdir()
+        (config_dir / "jupyter_server_config.py").write_text(SERVER_CONFIG.format(
+            port=self.port, root=str(self.tmp / "work"), token=self.token, environment=ENVIRONMENT,
+            size=self.p["pool_size"]))
+        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)}  # MLOPS_* and JUPYTER_DATA_DIR: main()'s
+        t0 = time.perf_counter()
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "jupyter_server"], cwd=self.tmp / "work", env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jupyter server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(Exception):
+                if self.run(self.get("/api/status"))["started"]:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"jupyter server did not answer in 90 s:\n{self.log_tail()}")
+            time.sleep(0.1)
+        return time.perf_counter() - t0
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """SIGTERM (the server shuts its kernels and pools down), SIGKILL if it is still there after 20 s;
+        then no kernel of this run may be left."""
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                log("jupyter server ignored SIGTERM for 20 s: SIGKILL")
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+        async def close_client() -> None:
+            from tornado.httpclient import AsyncHTTPClient
+
+            AsyncHTTPClient().close()
+
+        with contextlib.suppress(Exception):
+            self.run(close_client())
+        self.loop.close()
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    # HTTP and websocket ----------------------------------------------------------------------------
+
+    def headers(self) -> dict[str, str]:
+        """The token, and the login cookie the server set on the first answer, as a browser sends it:
+        without the cookie, jupyter_server makes every token-authenticated request a new anonymous
+        user, and a kernel started by one request is not the next one's."""
+        headers = {"Authorization": f"token {self.token}"}
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        return headers
+
+    async def fetch(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200,)) -> Any:
+        from http.cookies import SimpleCookie
+
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        try:
+            resp = await AsyncHTTPClient().fetch(
+                self.base + path, method=method, headers=self.headers(),
+                body=None if body is None else json.dumps(body), allow_nonstandard_methods=True, request_timeout=120)
+        except HTTPClientError as e:
+            text = e.response.body.decode(errors="replace") if e.response is not None else ""
+            raise RuntimeError(f"{method} {path} -> {e.code}: {text}") from e
+        for header in resp.headers.get_list("Set-Cookie"):
+            self.cookies.update({k: morsel.value for k, morsel in SimpleCookie(header).items()})
+        if resp.code not in ok:
+            raise RuntimeError(f"{method} {path} -> {resp.code}: {resp.body!r}")
+        return json.loads(resp.body) if resp.body else None
+
+    async def get(self, path: str) -> Any:
+        return await self.fetch("GET", path)
+
+    async def wait_pool_full(self, timeout: float = 180.0) -> float:
+        """Poll ``GET /mlops/api/pools`` until every pool has ready == size; seconds waited."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + timeout
+        while True:
+            pools = (await self.get("/mlops/api/pools"))["pools"]
+            for pool in pools:
+                if pool.get("error"):
+                    raise RuntimeError(f"the server's pool {pool['key']} failed: {pool['error']}\n{self.log_tail()}")
+            if not pools:
+                raise RuntimeError(f"the server has no warm pool (c.WarmPools.sizes not read?)\n{self.log_tail()}")
+            if all(pool["ready"] >= pool["size"] for pool in pools):
+                return time.perf_counter() - t0
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server's pools did not fill in {timeout:.0f} s: {pools}")
+            await asyncio.sleep(0.05)
+
+    async def connect(self, kernel_id: str, session: Any) -> Any:
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
+        url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels?session_id={session.session}"
+        return await websocket_connect(HTTPRequest(url, headers=self.headers()))
+
+    @staticmethod
+    async def execute(ws: Any, session: Any, code: str = CODE, **content: Any) -> dict[str, Any]:
+        """An ``execute_request`` on the shell channel; its ``execute_reply`` (a whole message)."""
+        msg = session.msg("execute_request", {"code": code, "silent": False, "store_history": False,
+                                              "user_expressions": {}, "allow_stdin": False, **content})
+        msg["channel"] = "shell"
+        await ws.write_message(json.dumps(msg, default=str))
+        while True:
+            text = await asyncio.wait_for(ws.read_message(), timeout=60)
+            if text is None:
+                raise RuntimeError("the kernel's websocket closed before the execute_reply")
+            reply = json.loads(text)
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"] and reply["msg_type"] == "execute_reply":
+                if reply["content"].get("status") != "ok":
+                    raise RuntimeError(f"{code!r} -> {reply['content']}")
+                return reply
+
+    # the measures ----------------------------------------------------------------------------------
+
+    async def _first_reply(self, method_path: str, body: dict[str, Any], kind: str, check: bool) -> float | None:
+        """POST, websocket, ``1+1`` until its reply; seconds, or None when a pooled claim was not pooled.
+        The kernel is shut down afterwards (untimed)."""
+        from jupyter_client.session import Session
+
+        session = Session()
+        ws = None
+        t0 = time.perf_counter()
+        kernel = await self.fetch("POST", method_path, body, ok=(201,))
+        try:
+            t1 = time.perf_counter()
+            ws = await self.connect(kernel["id"], session)
+            t2 = time.perf_counter()
+            opened = time.time()
+            reply = await self.execute(ws, session)
+            t3 = time.perf_counter()
+            received = time.time()
+            if check and kind == "pooled":
+                got = (await self.execute(ws, session, CHECK, user_expressions={"v": "value"}))
+                got = got["content"]["user_expressions"]["v"]["data"]["text/plain"]
+                if got != repr([str(self.prefix), "on", "1.0"]):
+                    raise RuntimeError(f"the server's pooled kernel is not in the prefix {self.prefix}: {got}")
+        except BaseException:
+            if ws is not None:
+                ws.close()
+            with contextlib.suppress(Exception):  # the first error is the one to see
+                await self.delete(kind, kernel["id"])
+            raise
+        ws.close()
+        await self.delete(kind, kernel["id"])
+        if kind == "pooled" and kernel.get("origin") != "pool":
+            return None
+        # the websocket part split by the kernel's own clock (the same machine's): when it began to
+        # execute (ipykernel's metadata "started") and when it sent the reply (the reply's header date)
+        from dateutil.parser import isoparse
+
+        began = isoparse(reply["metadata"]["started"]).timestamp()
+        sent = isoparse(reply["header"]["date"]).timestamp()
+        self.phases[kind].append((t1 - t0, t2 - t1, max(1e-6, began - opened), max(1e-6, sent - began),
+                                  max(1e-6, received - sent)))
+        return t3 - t0
+
+    async def delete(self, kind: str, kernel_id: str) -> None:
+        prefix = "/mlops/api/kernels/" if kind == "pooled" else "/api/kernels/"
+        await self.fetch("DELETE", prefix + kernel_id, ok=(204,))
+
+    def pooled(self, check: bool = False) -> float:
+        """``POST /mlops/api/kernels`` (a claim), websocket, ``1+1``; the pool refills untimed after."""
+        for _ in range(3):
+            took = self.run(self._first_reply("/mlops/api/kernels", {"environment": ENVIRONMENT, "profile": "default"},
+                                              "pooled", check))
+            # untimed: the kernel the claim started in its place is up before the next measure, so no
+            # other measure shares the CPU with it
+            self.run(self.wait_pool_full())
+            if took is not None:
+                return took
+            self.misses += 1
+            log("  the claim was answered by a kernel started, not pooled: measured again after the refill")
+        raise RuntimeError("three claims in a row were not pooled")
+
+    def cold(self) -> float:
+        """``POST /api/kernels {"name": "python3"}`` (jupyter_server's own start), websocket, ``1+1``."""
+        took = self.run(self._first_reply("/api/kernels", {"name": ANCHOR_KERNEL}, "cold", False))
+        return float(took)
+
+
+def run_server(tmp: Path, p: dict[str, Any], prefix: Path | None, m: dict[str, float | None]) -> int:
+    """The server measures into ``m``; returns the number of claims that were not pooled."""
+    before = kernel_pids(tmp)
+    if before:
+        raise RuntimeError(f"kernels of this run still running before the server starts: {sorted(before)}")
+    s = ServerBench(tmp, p, prefix)
+    try:
+        m["server_start_s"] = s.start()
+        m["server_pool_fill_s"] = s.run(s.wait_pool_full())
+        log(f"jupyter server on 127.0.0.1:{s.port} up in {m['server_start_s']:.2f} s; its pool of "
+            f"{p['pool_size']} x {ENVIRONMENT}/default full {m['server_pool_fill_s']:.2f} s later")
+        log(f"through the server: {p['server_rounds']} x (POST /api/kernels python3, POST /mlops/api/kernels "
+            "demo/default), each then websocket and 1+1, after a warm-up of each (which checks the prefix)")
+        s.cold()  # warm-ups, untimed
+        s.pooled(check=True)
+        s.phases = {"pooled": [], "cold": []}
+        res = interleave(log, p["server_rounds"], [("server_cold", s.cold), ("server_pooled", s.pooled)])
+    finally:
+        s.stop()
+        deadline = time.monotonic() + 10
+        left = kernel_pids(tmp)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = kernel_pids(tmp)
+        if left:
+            import signal
+
+            for pid in left:  # this run's kernels (named by its folder): killed by pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise RuntimeError(f"kernel processes left after the server stopped: {sorted(left)}")
+    m["server_cold_first_reply_s"] = median(res["server_cold"])
+    m["server_pooled_first_reply_s"] = median(res["server_pooled"])
+    for kind in ("pooled", "cold"):
+        for i, part in enumerate(SERVER_PARTS):
+            m[f"server_{kind}_{part}_s"] = median([t[i] for t in s.phases[kind]])
+    return s.misses
 
 
 # -- the run ----------------------------------------------------------------------------------------------
 
-QUICK = {"pads": 30, "pool_size": 2, "kernel_rounds": 5, "env_rounds": 3, "readiness_checks": 0}
-DEFAULT = {"pads": 100, "pool_size": 2, "kernel_rounds": 9, "env_rounds": 7, "readiness_checks": 3}
+QUICK = {"pads": 30, "pool_size": 2, "kernel_rounds": 5, "env_rounds": 3, "readiness_checks": 0, "server_rounds": 5}
+DEFAULT = {"pads": 100, "pool_size": 2, "kernel_rounds": 9, "env_rounds": 7, "readiness_checks": 3,
+           "server_rounds": 9}
 
 
 def run_all(b: Bench, p: dict[str, Any]) -> dict[str, float | None]:
@@ -370,6 +676,11 @@ def run_all(b: Bench, p: dict[str, Any]) -> dict[str, float | None]:
             m[f"{key}_{part}_s"] = median([t[i] for t in timed])
     if ready:
         m["wait_for_ready_on_pooled_s"] = median(ready)
+
+    # 5. through the Jupyter server -----------------------------------------------------------------
+    b.close()  # the in-process pool's kernels are gone before the server starts its own
+    with stdout_to_stderr():
+        b.server_misses = run_server(b.tmp, p, b.prefix, m)
     return m
 
 
@@ -397,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             b.close()
     wall = time.perf_counter() - started
-    report(m, p, wall, quick)
+    report(m, p, wall, quick, b.server_misses)
     return 0
 
 
@@ -408,7 +719,7 @@ def secs(value: float | None) -> str:
     return fmt(value, "s")
 
 
-def report(m: dict[str, float | None], p: dict[str, Any], wall: float, quick: bool) -> None:
+def report(m: dict[str, float | None], p: dict[str, Any], wall: float, quick: bool, misses: int = 0) -> None:
     def ratio(anchor_key: str, ours_key: str) -> float | None:
         a, o = m.get(anchor_key), m.get(ours_key)
         if a is None or o is None:
@@ -422,6 +733,7 @@ def report(m: dict[str, float | None], p: dict[str, Any], wall: float, quick: bo
         "cold_no_wait_vs_jupyter_client": ratio("cold_no_wait_s", "cold_in_prefix_no_wait_s"),
         "shared_cache_vs_empty_cache": ratio("env_create_s", "env_create_shared_cache_s"),
         "noop_vs_create": ratio("env_create_s", "env_create_noop_s"),
+        "server_vs_cold": ratio("server_cold_first_reply_s", "server_pooled_first_reply_s"),
     }
     rows = [
         # measure, anchor, anchor metric, ours metric, ratio, goal keys (on ours or on the ratio)
@@ -435,11 +747,13 @@ def report(m: dict[str, float | None], p: dict[str, Any], wall: float, quick: bo
         ("env create, shared cache", "empty cache", "env_create_s", "env_create_shared_cache_s",
          "shared_cache_vs_empty_cache", []),
         ("env create, no-op", "empty cache", "env_create_s", "env_create_noop_s", "noop_vs_create", []),
+        ("first reply via the server", "POST /api/kernels", "server_cold_first_reply_s", "server_pooled_first_reply_s",
+         "server_vs_cold", ["server_pooled_first_reply_s", "server_vs_cold"]),
     ]
     print()
     print(f"kernels benchmark ({'--quick' if quick else 'default'}): medians; ratio = anchor / ours, bigger is better")
     print(f"  kernels x{p['kernel_rounds']} (pool of {p['pool_size']}), env create x{p['env_rounds']} "
-          f"({p['pads'] + 3} packages); total {wall:.0f} s")
+          f"({p['pads'] + 3} packages), through jupyter server x{p['server_rounds']}; total {wall:.0f} s")
     header = f"{'measure':<28} {'anchor':<20} {'anchor':>9} {'ours':>9} {'ratio':>9}  {'goal':<32} met"
     print(header)
     print("-" * len(header))
@@ -464,6 +778,15 @@ def report(m: dict[str, float | None], p: dict[str, Any], wall: float, quick: bo
         print(f"  (jupyter_client's wait_for_ready on a pooled kernel would add {m['wait_for_ready_on_pooled_s']:.3f})")
     print(f"  pool of {p['pool_size']} filled in {m['pool_fill_s']:.2f}; channel built in {m['channel_build_s']:.1f}, "
           f"a lock in {m['env_lock_s']:.2f}")
+    print("  through jupyter server: POST; websocket open (handshake, the server's kernel_info on a first connection);")
+    print("  to kernel (open -> the kernel starts 1+1, by its clock: the server's zmq channels and nudge, forwarding);")
+    print("  exec (the kernel: start -> its execute_reply); delivery (reply sent -> on the client's websocket):")
+    for kind, post in (("pooled", "POST /mlops/api/kernels"), ("cold", "POST /api/kernels")):
+        print(f"    {kind + ':':<8} {post} {m[f'server_{kind}_post_s']:.4f}, websocket open "
+              f"{m[f'server_{kind}_ws_open_s']:.4f}, to kernel {m[f'server_{kind}_to_kernel_s']:.4f}, "
+              f"exec {m[f'server_{kind}_exec_s']:.4f}, delivery {m[f'server_{kind}_delivery_s']:.4f}")
+    print(f"  server up in {m['server_start_s']:.2f}, its pool full {m['server_pool_fill_s']:.2f} later"
+          + (f"; {misses} claim(s) found the pool empty and were measured again" if misses else ""))
     print()
     # 4 significant figures: a claim (~50 us) or a no-op create (~0.2 ms) stays above 0
     metrics = {key: (float(f"{v:.4g}") if v is not None else None) for key, v in m.items()}

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
         ("pipelines", {"pipeline_s", "step_overhead_s", "noop_rerun_s", "papermill_cli_s", "dvc_repro_noop_s",
                        "papermill_inproc_s"}, {"vs_papermill_cli", "vs_dvc_repro_noop", "vs_papermill_inproc"}),
         ("kernels", {"pooled_first_reply_s", "cold_first_reply_s", "cold_in_prefix_s", "env_create_s",
-                     "env_create_noop_s", "env_create_shared_cache_s"},
-         {"vs_cold_jupyter_client", "cold_vs_jupyter_client"}),
+                     "env_create_noop_s", "env_create_shared_cache_s", "server_pooled_first_reply_s",
+                     "server_cold_first_reply_s"},
+         {"vs_cold_jupyter_client", "cold_vs_jupyter_client", "server_vs_cold"}),
     ],
 )
 def test_bench_quick_runs_and_reports(bench: str, metrics: set[str], ratios: set[str]) -> None:
