@@ -108,6 +108,9 @@ def test_reads_environments_profiles_and_gpus(api: Any, jp_serverapp: Any, jp_ke
     status, body = api("bob", "GET", "gpus")
     assert status == 200 and [d["uuid"] for d in body["devices"]] == [GPUS[0]["uuid"]] and body["holders"] == []
     assert api("mallory", "GET", "gpus")[0] == 403  # no identity: jupyter_server refuses
+    from jupyter_mlops.server.connection import NoDelayWebsocketConnection
+
+    assert jp_serverapp.web_app.settings["kernel_websocket_connection_class"] is NoDelayWebsocketConnection
     specs = sorted(os.listdir(jp_kernel_dir))
     assert {"mlops", "mlops-demo-small", "mlops-demo-gpu-1"} <= set(specs)
 

@@ -38,7 +38,10 @@ log = logging.getLogger("jupyter_mlops.kernels")
 
 
 class ReadyKernelClient(AsyncKernelClient):
-    """An async client whose readiness check waits for the kernel, not for a fixed timeout."""
+    """An async client whose readiness check waits for the kernel, not for a fixed timeout.
+    The kernel's ``kernel_info_reply`` content is kept in :attr:`kernel_info_content`."""
+
+    kernel_info_content: dict[str, Any] | None = None
 
     async def _async_wait_for_ready(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
@@ -53,6 +56,7 @@ class ReadyKernelClient(AsyncKernelClient):
                 if msg["parent_header"].get("msg_id") == request and msg["msg_type"] == "kernel_info_reply":
                     reply = msg
             if reply is not None:
+                self.kernel_info_content = reply["content"]
                 # iopub is connected once the kernel's status messages for our request reach us.
                 # A fresh SUB socket can miss the first ones (zmq's slow joiner): ask again.
                 with contextlib.suppress(Empty):
@@ -75,8 +79,9 @@ class ReadyKernelClient(AsyncKernelClient):
                 await self.iopub_channel.get_msg(timeout=0.005)
 
 
-async def warm_up(manager: Any, timeout: float) -> None:
-    """Wait until a started kernel answers, then pay its one-time first-execution cost.
+async def warm_up(manager: Any, timeout: float) -> dict[str, Any]:
+    """Wait until a started kernel answers, then pay its one-time first-execution cost. Returns
+    the kernel's ``kernel_info_reply`` content.
 
     An IPython kernel's first execution costs ~0.2 s of set-up (history, display hooks); a pooled
     kernel pays it before anyone claims it. Silent: no state, no history, no output. Readiness is
@@ -94,6 +99,7 @@ async def warm_up(manager: Any, timeout: float) -> None:
                 break
     finally:
         client.stop_channels()
+    return client.kernel_info_content or {}
 
 
 @dataclass

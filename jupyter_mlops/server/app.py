@@ -2,7 +2,8 @@
 
 Enabled on install (``jupyter-config/jupyter_server_config.d/jupyter_mlops.json``). At start it
 writes the kernel specs of the installed environments x profiles, checks the profiles (a broken
-profile stops the server with the reason, not the first kernel start) and starts the warm pools.
+profile stops the server with the reason, not the first kernel start), starts the warm pools and
+turns Nagle's delay off on kernel websockets.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ class MlopsExtensionApp(ExtensionApp):
         pools = WarmPools(self.serverapp.kernel_manager, config=settings.config, log=self.log)
         self.service = KernelService(self.serverapp.kernel_manager, settings, pools)
         self.settings["mlops_service"] = self.service
+        self._use_nodelay_websockets()
+
+    def _use_nodelay_websockets(self) -> None:
+        """Kernel websockets without Nagle's delay (see :mod:`.connection`), unless the deployment
+        configured a connection class of its own."""
+        from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
+
+        from .connection import NoDelayWebsocketConnection
+
+        if self.serverapp.kernel_websocket_connection_class is ZMQChannelsWebsocketConnection:
+            self.settings["kernel_websocket_connection_class"] = NoDelayWebsocketConnection
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(HANDLERS)

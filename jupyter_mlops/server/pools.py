@@ -42,7 +42,7 @@ class _Pool:
     environment: str | None
     profile: str
     size: int
-    ready: list[tuple[float, Any]] = field(default_factory=list)  # (started, kernel manager)
+    ready: list[tuple[float, Any, dict[str, Any]]] = field(default_factory=list)  # (started, manager, kernel_info)
     starting: int = 0
     claimed: int = 0
     error: str | None = None  # the last failed start, shown in status
@@ -53,6 +53,9 @@ class WarmPools(LoggingConfigurable):
                  "(empty ENVIRONMENT: the server's interpreter).").tag(config=True)
     max_idle = Float(3600.0, help="Seconds a pooled kernel waits for a claim before it is replaced.").tag(config=True)
     startup_timeout = Float(60.0, help="Seconds a pooled kernel may take to start.").tag(config=True)
+    refill_delay = Float(1.0, help="Seconds after a claim before the replacement kernel starts (at once "
+                         "when the pool is empty): its start would slow the claimed kernel's first "
+                         "cell.").tag(config=True)
 
     def __init__(self, kernel_manager: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -83,14 +86,14 @@ class WarmPools(LoggingConfigurable):
         self.start()
         pool = self._pools.get(pool_key(environment, profile))
         while pool is not None and pool.ready:
-            _, km = pool.ready.pop(0)
+            _, km, info = pool.ready.pop(0)
             if not await km.is_alive():  # died while waiting: never handed out
                 await self._discard(km)
                 continue
             pool.claimed += 1
-            self._wake.set()
+            self._refill_soon(pool)
             await self._hand_over(km, path)
-            self._adopt(km)
+            self._adopt(km, info)
             km.provisioner.hand_over(user)
             return str(km.kernel_id)
         return None
@@ -117,7 +120,7 @@ class WarmPools(LoggingConfigurable):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        waiting = [km for p in self._pools.values() for _, km in p.ready]
+        waiting = [km for p in self._pools.values() for _, km, _ in p.ready]
         for p in self._pools.values():
             p.ready.clear()
         await asyncio.gather(*(self._discard(km) for km in waiting), return_exceptions=True)
@@ -146,7 +149,7 @@ class WarmPools(LoggingConfigurable):
                 kernel_id=kernel_id, cwd=self.mkm.root_dir, env=dict(os.environ),
                 mlops_environment=pool.environment, mlops_profile=pool.profile,
                 mlops_pool=pool_key(pool.environment, pool.profile)), self.startup_timeout)
-            await warm_up(km, self.startup_timeout)
+            info = await warm_up(km, self.startup_timeout)
         except asyncio.CancelledError:  # the server stops: no kernel is left behind half-started
             await self._discard(km)
             raise
@@ -162,14 +165,14 @@ class WarmPools(LoggingConfigurable):
         if self._stopping:
             await self._discard(km)
             return False
-        pool.ready.append((time.monotonic(), km))
+        pool.ready.append((time.monotonic(), km, info))
         return True
 
     async def _reap_idle(self) -> None:
         now = time.monotonic()
         for pool in self._pools.values():
-            stale = [km for started, km in pool.ready if now - started > self.max_idle]
-            pool.ready = [(s, km) for s, km in pool.ready if now - s <= self.max_idle]
+            stale = [km for started, km, _ in pool.ready if now - started > self.max_idle]
+            pool.ready = [entry for entry in pool.ready if now - entry[0] <= self.max_idle]
             for km in stale:
                 await self._discard(km)
 
@@ -199,12 +202,22 @@ class WarmPools(LoggingConfigurable):
         finally:
             client.stop_channels()
 
-    def _adopt(self, km: Any) -> None:
+    def _refill_soon(self, pool: _Pool) -> None:
+        """Start the next kernel after ``refill_delay``, or now when the pool is empty: a kernel
+        start takes most of a small machine's CPU, and the user who just claimed one is about to
+        connect to it and run their first cell."""
+        if not pool.ready or self.refill_delay <= 0:
+            self._wake.set()
+        else:
+            asyncio.get_running_loop().call_later(self.refill_delay, self._wake.set)
+
+    def _adopt(self, km: Any, kernel_info: dict[str, Any]) -> None:
         """Make ``km`` a kernel of the server's kernel manager, as its ``start_kernel`` would have.
 
         This is the one place that knows jupyter_server's bookkeeping of a started kernel (2.x):
         the kernel table, connection count, activity markers, ports, activity watch, the callback
-        for a failed auto-restart and the running-kernels metric.
+        for a failed auto-restart and the running-kernels metric; and the kernel_info the warm-up
+        already has, so the first websocket does not ask the kernel again.
         """
         from jupyter_server._tz import utcnow
         from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
@@ -219,3 +232,7 @@ class WarmPools(LoggingConfigurable):
         mkm.start_watching_activity(kernel_id)
         mkm.add_restart_callback(kernel_id, lambda: mkm._handle_kernel_died(kernel_id), "dead")
         KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).inc()  # its shutdown decrements it
+        if kernel_info.get("protocol_version"):
+            known: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            known.set_result(kernel_info)
+            km._kernel_info_future = known
