@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["Logger", "median", "interleave", "fmt", "goal_met", "quick_mode", "scratch", "stdout_to_stderr"]
+__all__ = ["Logger", "median", "interleave", "fmt", "goal_met", "quick_mode", "scratch", "stdout_to_stderr", "ratio"]
 
 
 class Logger:
@@ -48,6 +48,14 @@ def interleave(log: Callable[[str], None], rounds: int, contenders: list[tuple[s
             shown = ", ".join(f"{v:,.3f}" for v in value) if isinstance(value, tuple) else f"{value:,.3f}"
             log(f"  round {r + 1}/{rounds} {name}: {shown}")
     return results
+
+
+def ratio(m: dict[str, Any], anchor_key: str, ours_key: str, floor: float = 1e-9) -> float | None:
+    """anchor / ours from the metrics ``m`` (bigger is better for us), or None when one is missing."""
+    a, o = m.get(anchor_key), m.get(ours_key)
+    if a is None or o is None:
+        return None
+    return round(a / max(o, floor), 2)
 
 
 def fmt(value: float | None, unit: str) -> str:

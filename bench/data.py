@@ -35,7 +35,7 @@ from typing import Any
 # print each of its hints twice. Python's last-resort handler still shows warnings on stderr.
 warnings.filterwarnings("ignore")
 
-from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr  # noqa: E402
+from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr, ratio  # noqa: E402
 
 log = Logger('data')
 
@@ -325,16 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         m = run_all(p, tmp)
     wall = time.perf_counter() - started
 
-    def ratio(anchor_key: str, ours_key: str) -> float | None:
-        if anchor_key not in m or ours_key not in m:
-            return None
-        return round(m[anchor_key] / max(m[ours_key], 1e-9), 2)
-
     ratios = {
-        "vs_dvc_add": ratio("dvc_add_s", "add_s"),
-        "vs_dvc_status": ratio("dvc_status_s", "unchanged_check_s"),
-        "use_vs_dvc_status": ratio("dvc_status_s", "use_s"),
-        "vs_dvc_readd": ratio("dvc_readd_s", "readd_s"),
+        "vs_dvc_add": ratio(m, "dvc_add_s", "add_s"),
+        "vs_dvc_status": ratio(m, "dvc_status_s", "unchanged_check_s"),
+        "use_vs_dvc_status": ratio(m, "dvc_status_s", "use_s"),
+        "vs_dvc_readd": ratio(m, "dvc_readd_s", "readd_s"),
     }
     ratios = {k: v for k, v in ratios.items() if v is not None}
 

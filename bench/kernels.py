@@ -55,7 +55,7 @@ from typing import Any
 
 warnings.filterwarnings("ignore")
 
-from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr  # noqa: E402
+from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr, ratio  # noqa: E402
 
 log = Logger("kernels")
 
@@ -720,20 +720,14 @@ def secs(value: float | None) -> str:
 
 
 def report(m: dict[str, float | None], p: dict[str, Any], wall: float, quick: bool, misses: int = 0) -> None:
-    def ratio(anchor_key: str, ours_key: str) -> float | None:
-        a, o = m.get(anchor_key), m.get(ours_key)
-        if a is None or o is None:
-            return None
-        return round(a / max(o, 1e-9), 2)
-
     ratios = {
-        "vs_cold_jupyter_client": ratio("cold_first_reply_s", "pooled_first_reply_s"),
-        "cold_vs_jupyter_client": ratio("cold_first_reply_s", "cold_in_prefix_s"),
-        "vs_cold_no_wait": ratio("cold_no_wait_s", "pooled_first_reply_s"),
-        "cold_no_wait_vs_jupyter_client": ratio("cold_no_wait_s", "cold_in_prefix_no_wait_s"),
-        "shared_cache_vs_empty_cache": ratio("env_create_s", "env_create_shared_cache_s"),
-        "noop_vs_create": ratio("env_create_s", "env_create_noop_s"),
-        "server_vs_cold": ratio("server_cold_first_reply_s", "server_pooled_first_reply_s"),
+        "vs_cold_jupyter_client": ratio(m, "cold_first_reply_s", "pooled_first_reply_s"),
+        "cold_vs_jupyter_client": ratio(m, "cold_first_reply_s", "cold_in_prefix_s"),
+        "vs_cold_no_wait": ratio(m, "cold_no_wait_s", "pooled_first_reply_s"),
+        "cold_no_wait_vs_jupyter_client": ratio(m, "cold_no_wait_s", "cold_in_prefix_no_wait_s"),
+        "shared_cache_vs_empty_cache": ratio(m, "env_create_s", "env_create_shared_cache_s"),
+        "noop_vs_create": ratio(m, "env_create_s", "env_create_noop_s"),
+        "server_vs_cold": ratio(m, "server_cold_first_reply_s", "server_pooled_first_reply_s"),
     }
     rows = [
         # measure, anchor, anchor metric, ours metric, ratio, goal keys (on ours or on the ratio)

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 warnings.filterwarnings("ignore")
 
-from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr  # noqa: E402
+from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr, ratio  # noqa: E402
 
 log = Logger("pipelines")
 
@@ -479,17 +479,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(m: dict[str, float | None], p: dict[str, Any], errors: dict[str, str], wall: float, quick: bool) -> None:
-    def ratio(anchor_key: str, ours_key: str) -> float | None:
-        a, o = m.get(anchor_key), m.get(ours_key)
-        if a is None or o is None:
-            return None
-        return round(a / max(o, 1e-9), 2)
-
     ratios = {
-        "vs_papermill_cli": ratio("papermill_cli_s", "pipeline_s"),
-        "vs_papermill_inproc": ratio("papermill_inproc_s", "step_overhead_s"),
-        "vs_dvc_repro_noop": ratio("dvc_repro_noop_s", "noop_rerun_s"),
-        "vs_dvc_repro": ratio("dvc_repro_s", "pipeline_s"),
+        "vs_papermill_cli": ratio(m, "papermill_cli_s", "pipeline_s"),
+        "vs_papermill_inproc": ratio(m, "papermill_inproc_s", "step_overhead_s"),
+        "vs_dvc_repro_noop": ratio(m, "dvc_repro_noop_s", "noop_rerun_s"),
+        "vs_dvc_repro": ratio(m, "dvc_repro_s", "pipeline_s"),
     }
     if "dvc_repro_s" not in m:
         ratios.pop("vs_dvc_repro")

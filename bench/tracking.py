@@ -43,7 +43,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 warnings.filterwarnings("ignore")
 
-from _common import Logger, fmt, goal_met, interleave, median  # noqa: E402
+from _common import Logger, fmt, goal_met, interleave, median, ratio  # noqa: E402
 
 log = Logger('tracking')
 
@@ -522,21 +522,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - started
 
-    def ratio(anchor_key: str, ours_key: str, floor: float = 1e-9) -> float | None:
-        if anchor_key not in m or ours_key not in m:
-            return None
-        return round(m[anchor_key] / max(m[ours_key], floor), 2)
-
     ratios = {
-        "vs_mlflow_sync": ratio("mlflow_sync_us_per_metric", "end_to_end_us_per_metric"),
-        "vs_log_batch": ratio("log_batch_us_per_metric", "end_to_end_us_per_metric"),
-        "server_vs_mlflow_sync": ratio("server_mlflow_sync_us_per_metric", "server_end_to_end_us_per_metric"),
-        "server_vs_log_batch": ratio("server_log_batch_us_per_metric", "server_end_to_end_us_per_metric"),
-        "vs_mlflow_startup": ratio("mlflow_startup_s", "track_startup_s"),
+        "vs_mlflow_sync": ratio(m, "mlflow_sync_us_per_metric", "end_to_end_us_per_metric"),
+        "vs_log_batch": ratio(m, "log_batch_us_per_metric", "end_to_end_us_per_metric"),
+        "server_vs_mlflow_sync": ratio(m, "server_mlflow_sync_us_per_metric", "server_end_to_end_us_per_metric"),
+        "server_vs_log_batch": ratio(m, "server_log_batch_us_per_metric", "server_end_to_end_us_per_metric"),
+        "vs_mlflow_startup": ratio(m, "mlflow_startup_s", "track_startup_s"),
         # a growth under 0.1 MiB counts as 0.1 MiB, so the ratio stays finite
-        "vs_mlflow_rss": ratio("mlflow_rss_mib", "track_rss_mib", floor=0.1),
-        "caller_vs_mlflow_sync": ratio("mlflow_sync_us_per_metric", "caller_us_per_metric"),
-        "caller_vs_mlflow_async": ratio("caller_mlflow_async_us_per_metric", "caller_us_per_metric"),
+        "vs_mlflow_rss": ratio(m, "mlflow_rss_mib", "track_rss_mib", floor=0.1),
+        "caller_vs_mlflow_sync": ratio(m, "mlflow_sync_us_per_metric", "caller_us_per_metric"),
+        "caller_vs_mlflow_async": ratio(m, "caller_mlflow_async_us_per_metric", "caller_us_per_metric"),
     }
     ratios = {k: v for k, v in ratios.items() if v is not None}
 
