@@ -31,8 +31,8 @@ from .limits import UserLimits
 
 __all__ = ["Profile", "KernelProfiles", "parse_memory", "DEFAULT_PROFILES"]
 
-FIELDS = {"display_name", "cpu", "memory", "gpus", "gpu_type", "environments", "roles", "node_selector",
-          "tolerations", "priority_class"}
+FIELDS = {"display_name", "cpu", "memory", "gpus", "gpu_type", "gpu_resource", "environments", "roles",
+          "node_selector", "tolerations", "priority_class"}
 DEFAULT_PROFILES: dict[str, dict[str, Any]] = {"default": {"display_name": "Default (no limits)"}}
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -64,6 +64,7 @@ class Profile:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()
     priority_class: str | None = None
+    gpu_resource: str = "nvidia.com/gpu"  # the extended resource a pod asks for (Kubernetes)
 
     def allows_environment(self, environment: str) -> bool:
         return not self.environments or environment in self.environments
@@ -105,7 +106,7 @@ def _profile(name: str, raw: Mapping[str, Any]) -> Profile:
         memory=parse_memory(raw["memory"], where) if raw.get("memory") is not None else None, gpus=gpus,
         gpu_type=raw.get("gpu_type"), environments=lists["environments"], roles=lists["roles"],
         node_selector=dict(raw.get("node_selector") or {}), tolerations=tuple(raw.get("tolerations") or ()),
-        priority_class=raw.get("priority_class"),
+        priority_class=raw.get("priority_class"), gpu_resource=str(raw.get("gpu_resource") or "nvidia.com/gpu"),
     )
 
 
