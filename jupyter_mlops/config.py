@@ -33,6 +33,7 @@ ENV_OVERRIDES = {
     "envs_dir": ("MLOPS_ENVS_DIR",),
     "pkgs_dir": ("MLOPS_PKGS_DIR",),
     "pipeline_webhook_url": ("MLOPS_PIPELINE_WEBHOOK_URL",),
+    "kernel_backend": ("MLOPS_KERNEL_BACKEND",),
 }
 
 CONFIG_FILE_NAMES = ("jupyter_mlops_config", "jupyter_server_config")
@@ -149,6 +150,13 @@ class MlopsConfig(Configurable):
         "local",
         help="Where pipeline steps run: the name of an executor in the `jupyter_mlops.executors` "
         "entry points (`local`: kernels on this machine).",
+    ).tag(config=True)
+
+    kernel_backend = Unicode(
+        "local",
+        help="Where kernels of environments x profiles run: local (the mlops-local provisioner, "
+        "installed prefixes) or kubernetes (mlops-kubernetes, pods of the environments' images). "
+        "Kernel spec names are the same on both. Env: MLOPS_KERNEL_BACKEND.",
     ).tag(config=True)
 
     pipeline_workers = Integer(

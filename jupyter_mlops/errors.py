@@ -302,3 +302,8 @@ class LimitExceededError(MlopsError):
             held = sum(int(r.get("gpus") or 0) for r in self.running)
             super().__init__(f"{user} may hold at most {_gpus(maximum)} at once, holds {held} ({listing}) "
                              f"and asked for {asked} more. Shut down a GPU kernel or ask for fewer.")
+
+
+class KubernetesError(MlopsError):
+    """The cluster refused or failed a request (quota exceeded, forbidden, unreachable), said in one
+    line with the API's own message."""

@@ -22,6 +22,8 @@ __all__ = ["kernelspec_name", "kernelspec_json", "sync_kernelspecs", "sync_from_
            "SyncResult", "BASE_SPEC"]
 
 PROVISIONER = "mlops-local"
+#: the provisioner of each kernel backend (``c.MlopsConfig.kernel_backend``)
+PROVISIONERS = {"local": "mlops-local", "kubernetes": "mlops-kubernetes"}
 #: The spec a launch-time choice starts from: the ``mlops-local`` provisioner with no environment or
 #: profile of its own (the server's interpreter and the default profile unless the start says otherwise).
 BASE_SPEC = "mlops"
@@ -31,8 +33,17 @@ def kernelspec_name(environment: str, profile: str) -> str:
     return f"mlops-{environment}-{profile}".lower()
 
 
-def kernelspec_json(environment: str | None, profile: Profile | None) -> dict:
-    """The spec of ``environment`` x ``profile``; both None: :data:`BASE_SPEC`."""
+def kernelspec_json(environment: str | None, profile: Profile | None, backend: str = "local") -> dict:
+    """The spec of ``environment`` x ``profile``; both None: :data:`BASE_SPEC`. On Kubernetes the
+    kernel is in a pod, where signals do not reach: interrupts are messages."""
+    spec = _spec(environment, profile)
+    spec["metadata"]["kernel_provisioner"]["provisioner_name"] = PROVISIONERS[backend]
+    if backend != "local":
+        spec["interrupt_mode"] = "message"
+    return spec
+
+
+def _spec(environment: str | None, profile: Profile | None) -> dict:
     if environment is None or profile is None:
         return {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                 "display_name": "Python (mlops: the server's environment, default profile)", "language": "python",
@@ -73,14 +84,15 @@ def _ours(folder: Path) -> bool:
         return False
 
 
-def sync_kernelspecs(environments: Iterable[str], profiles: Iterable[Profile], kernels_dir: Path) -> SyncResult:
+def sync_kernelspecs(environments: Iterable[str], profiles: Iterable[Profile], kernels_dir: Path,
+                     backend: str = "local") -> SyncResult:
     """Make ``kernels_dir`` hold exactly one spec per environment x allowed profile (of ours).
 
     A spec that would not change is not rewritten, so a running launcher sees no churn.
     """
-    wanted = {kernelspec_name(env, p.name): kernelspec_json(env, p)
+    wanted = {kernelspec_name(env, p.name): kernelspec_json(env, p, backend)
               for env in sorted(set(environments)) for p in profiles if p.allows_environment(env)}
-    wanted[BASE_SPEC] = kernelspec_json(None, None)
+    wanted[BASE_SPEC] = kernelspec_json(None, None, backend)
     written, removed = [], []
     for name, spec in wanted.items():
         file = kernels_dir / name / "kernel.json"
@@ -106,12 +118,35 @@ def sync_kernelspecs(environments: Iterable[str], profiles: Iterable[Profile], k
 
 
 def sync_from_config(config: object = None) -> SyncResult:
-    """:func:`sync_kernelspecs` for the installed environments and the configured profiles."""
+    """:func:`sync_kernelspecs` for the configured profiles and the environments the backend can
+    run: installed prefixes (local), definitions with an ``image:`` (kubernetes). The names are
+    the same on both, so a notebook or a pipeline moves between them unchanged."""
     from ..config import load_config
     from ..environments.install import installed
+    from ..errors import ConfigError
     from .profiles import KernelProfiles
 
     settings = load_config(config)  # type: ignore[arg-type]
+    backend = settings.kernel_backend
+    if backend not in PROVISIONERS:
+        raise ConfigError(f"kernel_backend {backend!r} is not one of {', '.join(PROVISIONERS)}", source="MlopsConfig")
     profiles = KernelProfiles(config=settings.config).parsed().values()
-    names = [e.name for e in installed(settings.resolved_envs_dir)]
-    return sync_kernelspecs(names, list(profiles), default_kernels_dir())
+    if backend == "local":
+        names = [e.name for e in installed(settings.resolved_envs_dir)]
+    else:
+        names = _image_environments(settings.resolved_environments_dir)
+    return sync_kernelspecs(names, list(profiles), default_kernels_dir(), backend)
+
+
+def _image_environments(directory: Path) -> list[str]:
+    from ..environments.spec import find_environments, load_environment
+    from ..errors import MlopsError
+
+    names = []
+    for name, folder in find_environments(directory).items():
+        try:
+            if load_environment(folder).image:
+                names.append(name)
+        except MlopsError:
+            continue  # a broken definition has no kernel; `env list` says why
+    return names
