@@ -1,0 +1,35 @@
+"""``c.Kubernetes.*``: where kernels, steps and schedules go on a cluster, and with what."""
+
+from __future__ import annotations
+
+from traitlets import Dict, Float, Unicode
+from traitlets.config import Configurable
+
+__all__ = ["KubernetesSettings"]
+
+
+class KubernetesSettings(Configurable):
+    """Settings of the Kubernetes backends (config section ``Kubernetes``)."""
+
+    # traitlets names the config section after the class; keep the short one users write
+    @classmethod
+    def section_names(cls) -> list[str]:  # pragma: no cover - traitlets hook
+        return ["Kubernetes"]
+
+    api_host = Unicode("", help="URL of the API server. Empty: in-cluster when running in a pod, else "
+                       "the kubeconfig (KUBECONFIG or ~/.kube/config).").tag(config=True)
+    kubeconfig = Unicode("", help="Path of a kubeconfig file; empty: KUBECONFIG or ~/.kube/config.").tag(config=True)
+    context = Unicode("", help="kubeconfig context; empty: the current one.").tag(config=True)
+    namespace_template = Unicode("mlops-{user}", help="Namespace of a user's kernels and steps; {user} is "
+                                 "sanitised into a valid, unique name.").tag(config=True)
+    role_quotas = Dict({}, help="role -> {cpu, memory, gpus, gpu_resource, pods}: the ResourceQuota of a "
+                       "user's namespace, the most generous of their roles' ('*': users with none).").tag(config=True)
+    default_cpu = Unicode("1", help="LimitRange default CPU for containers that ask for none.").tag(config=True)
+    default_memory = Unicode("2Gi", help="LimitRange default memory for containers that ask for none.").tag(config=True)
+    image_pull_policy = Unicode("IfNotPresent", help="imagePullPolicy of kernel and step pods.").tag(config=True)
+    service_account = Unicode("", help="Service account of kernel and step pods; empty: none mounted "
+                              "(a kernel needs no API access).").tag(config=True)
+    startup_timeout = Float(300.0, help="Seconds a kernel pod may take to start (pulling a large image "
+                            "counts; a failure is reported as soon as it is known, not at this limit).").tag(config=True)
+    connect = Unicode("auto", help="How the server reaches kernel pods: pod-ip, port-forward, or auto "
+                      "(pod IPs in the cluster, port-forward outside it).").tag(config=True)
