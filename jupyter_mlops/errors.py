@@ -37,6 +37,7 @@ __all__ = [
     "GpuError",
     "GpuUnavailableError",
     "LimitExceededError",
+    "ManifestError",
 ]
 
 
@@ -307,3 +308,15 @@ class LimitExceededError(MlopsError):
 class KubernetesError(MlopsError):
     """The cluster refused or failed a request (quota exceeded, forbidden, unreachable), said in one
     line with the API's own message."""
+
+
+class ManifestError(ConfigError):
+    """A Kubernetes manifest the product built that the cluster would refuse (a quantity that does not
+    parse, an unknown enum, a cron schedule, a name); ``field`` is the path in the manifest."""
+
+    def __init__(self, kind: str, name: str, field: str, problem: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{kind} {name or '?'}: {field}: {problem}", source="kubernetes manifest")
