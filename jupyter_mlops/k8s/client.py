@@ -1,0 +1,95 @@
+"""The process's connection to the Kubernetes API (kubernetes_asyncio), and its shared watches."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from typing import Any
+
+from ..errors import KubernetesError
+from .settings import KubernetesSettings
+from .watch import Watcher
+
+__all__ = ["Cluster", "cluster_for", "MANAGED_SELECTOR"]
+
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=jupyter-mlops"
+_CLUSTERS: dict[tuple[int, str, str, str], "Cluster"] = {}
+
+
+class Cluster:
+    """An API client plus the two watches every kernel of this process shares (pods, events)."""
+
+    def __init__(self, api: Any) -> None:
+        from kubernetes_asyncio import client
+
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.pods = Watcher(functools.partial(self.core.list_pod_for_all_namespaces, label_selector=MANAGED_SELECTOR),
+                            what="pods")
+        self.events: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (namespace, pod) -> events, for pods we watch
+        self.event_watch = Watcher(self.core.list_event_for_all_namespaces, what="events", on_event=self._event)
+        self._started: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._started is None:
+            self._started = asyncio.ensure_future(asyncio.gather(self.pods.start(), self.event_watch.start()))
+        await asyncio.shield(self._started)
+
+    async def close(self) -> None:
+        await self.pods.stop()
+        await self.event_watch.stop()
+        await self.api.close()
+
+    def events_of(self, namespace: str, pod: str) -> list[dict[str, Any]]:
+        return list(self.events.get((namespace, pod), ()))
+
+    def _event(self, kind: str, event: dict[str, Any]) -> None:
+        involved = event.get("involvedObject") or {}
+        if involved.get("kind") != "Pod" or kind == "DELETED":
+            return
+        key = (involved.get("namespace") or "", involved.get("name") or "")
+        if self.pods.get(*key) is None and key not in self.events:
+            return  # not one of ours
+        kept = self.events.setdefault(key, [])
+        kept.append(event)
+        del kept[:-50]
+
+    def forget(self, namespace: str, pod: str) -> None:
+        self.events.pop((namespace, pod), None)
+
+
+async def cluster_for(settings: KubernetesSettings) -> Cluster:
+    """The process's :class:`Cluster` for ``settings`` on the running loop, connected and watching.
+    Raises :class:`KubernetesError` saying how to configure one when there is none."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), settings.api_host, settings.kubeconfig, settings.context)
+    cluster = _CLUSTERS.get(key)
+    if cluster is None:
+        cluster = _CLUSTERS[key] = Cluster(await _api_client(settings))
+    try:
+        await cluster.start()
+    except Exception as e:
+        _CLUSTERS.pop(key, None)
+        raise KubernetesError(f"the Kubernetes API at {cluster.api.configuration.host} does not answer: "
+                              f"{' '.join(str(e).split())[:200]}") from e
+    return cluster
+
+
+async def _api_client(settings: KubernetesSettings) -> Any:
+    from kubernetes_asyncio import client, config
+
+    configuration = client.Configuration()
+    if settings.api_host:
+        configuration.host = settings.api_host
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        try:
+            await config.load_kube_config(config_file=settings.kubeconfig or None, context=settings.context or None,
+                                          client_configuration=configuration)
+        except Exception as e:
+            raise KubernetesError(f"no Kubernetes cluster configured ({' '.join(str(e).split())[:160]}); set "
+                                  "KUBECONFIG, c.Kubernetes.kubeconfig or c.Kubernetes.api_host") from e
+    return client.ApiClient(configuration)

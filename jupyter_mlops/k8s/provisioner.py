@@ -1,0 +1,311 @@
+"""``mlops-kubernetes``: a kernel in a pod of its environment's image, with its profile's resources.
+
+The same choice as ``mlops-local`` (environment, profile, user; the ``mlops_*`` keyword arguments of
+``start_kernel`` override the kernel spec's config), placed on a cluster:
+
+* the user's namespace is made on first use, with the ResourceQuota and LimitRange of their role;
+* a Secret holds the connection key; the pod binds its own IP on fixed ports (no port race, no
+  callback to the server) and is followed through the process's shared pod and event watches;
+* a pod that cannot start fails the start as soon as the cluster says why (Unschedulable, image
+  pull errors, OOMKilled, quota exceeded), never at a timeout; image pull progress is logged;
+* interrupts are messages (the kernel spec says ``interrupt_mode: message``): signals do not
+  cross into a pod; shutting down deletes the pod and its Secret;
+* :meth:`get_provisioner_info` carries namespace, pod and key, so a restarted server re-adopts a
+  running kernel pod instead of leaking it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Unicode
+
+from ..errors import KernelStartError, KubernetesError
+from ..kernels.registry import KERNELS, KernelRecord
+
+__all__ = ["MlopsKubernetesProvisioner"]
+
+log = logging.getLogger("jupyter_mlops.k8s")
+
+
+class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    environment = Unicode("", help="Environment whose image the kernel runs.").tag(config=True)
+    profile = Unicode("", help="Profile of resources; empty: the default.").tag(config=True)
+
+    namespace: str | None = None
+    pod_name: str | None = None
+    secret_name: str | None = None
+    _cluster: Any = None
+    _settings: Any = None
+    _status: str = ""  # what the start is doing now (pulling an image...), for a frontend
+
+    @property
+    def has_process(self) -> bool:
+        return self.pod_name is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        from ..config import load_config
+        from ..kernels.limits import check_limits
+        from ..kernels.profiles import KernelProfiles
+        from .names import namespace_for
+        from .settings import KubernetesSettings
+
+        choice = {k: kwargs.pop(f"mlops_{k}", None) for k in ("environment", "profile", "user", "pool")}
+        config = load_config(self.config)
+        self._settings = KubernetesSettings(config=config.config)
+        profiles = KernelProfiles(config=config.config)
+        existing = KERNELS.get(self.kernel_id)
+        if existing is not None:  # a restart keeps who and what
+            environment, profile_name, user = existing.environment, existing.profile, existing.user
+        else:
+            environment = choice["environment"] or self.environment or None
+            profile_name = choice["profile"] or self.profile or None
+            user = choice["user"] or _server_user()
+        profile = profiles.get(profile_name, user, environment)
+        if existing is None and choice["pool"] is None:
+            check_limits(user, profiles.limits(user), [r.for_limits() for r in KERNELS.all()], profile.gpus)
+        self._plan = {"user": user, "environment": environment, "profile": profile,
+                      "image": _image_of(environment, config), "pool": choice["pool"]}
+        self.namespace = namespace_for(user, self._settings.namespace_template)
+        kwargs = await super().pre_launch(**kwargs)
+        kwargs.setdefault("cmd", [])
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+        from . import manifests
+        from .client import cluster_for
+        from .names import object_name
+
+        plan = self._plan
+        cluster = self._cluster = await cluster_for(self._settings)
+        await self._ensure_namespace(plan["user"])
+        key = self.parent.session.key.decode() if self.parent is not None else ""
+        self.pod_name = object_name("kernel", self.kernel_id)
+        self.secret_name = object_name("kernel", self.kernel_id, "key")
+        labels = {**manifests.MANAGED_BY}
+        secret = manifests.kernel_secret(self.secret_name, self.namespace, key, labels)
+        pod = manifests.kernel_pod(
+            name=self.pod_name, namespace=self.namespace, kernel_id=self.kernel_id, user=plan["user"],
+            image=plan["image"], profile=plan["profile"], environment=plan["environment"],
+            secret_name=self.secret_name, service_account=self._settings.service_account or None,
+            image_pull_policy=self._settings.image_pull_policy)
+        await self._create(cluster.core.create_namespaced_secret, secret, replace=True)
+        await self._create(cluster.core.create_namespaced_pod, pod)
+        KERNELS.add(KernelRecord(self.kernel_id, "" if plan["pool"] else plan["user"], plan["environment"],
+                                 plan["profile"].name, pool=plan["pool"]))
+        try:
+            running = await self._wait_running()
+        except BaseException:
+            await self._delete(grace=0)
+            raise
+        ip = running["status"]["podIP"]
+        self.connection_info = {"ip": ip, "transport": "tcp", "key": key.encode(), "signature_scheme": "hmac-sha256",
+                                **{f"{c}_port": p for c, p in manifests.KERNEL_PORTS.items()}}
+        return self.connection_info
+
+    async def poll(self) -> int | None:
+        if self._cluster is None or self.pod_name is None:
+            return 0
+        pod = self._cluster.pods.get(self.namespace, self.pod_name)
+        phase = ((pod or {}).get("status") or {}).get("phase")
+        if pod is None or phase in ("Succeeded", "Failed"):
+            return 0 if phase == "Succeeded" else 1
+        return None
+
+    async def wait(self) -> int | None:
+        if self._cluster is None or self.pod_name is None:
+            return 0
+        await self._cluster.pods.wait_for(
+            self.namespace, self.pod_name,
+            lambda p: p is None or ((p.get("status") or {}).get("phase") in ("Succeeded", "Failed")))
+        return await self.poll()
+
+    async def send_signal(self, signum: int) -> None:
+        if signum in (signal.SIGKILL, signal.SIGTERM):
+            await self._delete(grace=0 if signum == signal.SIGKILL else None)
+        # other signals cannot reach a process in a pod; interrupts go as messages
+
+    async def kill(self, restart: bool = False) -> None:
+        await self._delete(grace=0)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self._delete(grace=None)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if self._cluster is not None and self.namespace and self.secret_name and not restart:
+            await self._ignore_missing(self._cluster.core.delete_namespaced_secret(self.secret_name, self.namespace))
+        if not restart:
+            KERNELS.remove(self.kernel_id)
+        if self._cluster is not None and self.namespace and self.pod_name:
+            self._cluster.forget(self.namespace, self.pod_name)
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info.update({"namespace": self.namespace, "pod_name": self.pod_name, "secret_name": self.secret_name})
+        record = KERNELS.get(self.kernel_id)
+        if record is not None:
+            info["mlops"] = record.to_json()
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Re-adopt a kernel pod a previous server started (the pod keeps running meanwhile)."""
+        from ..config import load_config
+        from .client import cluster_for
+        from .settings import KubernetesSettings
+
+        await super().load_provisioner_info(provisioner_info)
+        self.namespace = provisioner_info.get("namespace")
+        self.pod_name = provisioner_info.get("pod_name")
+        self.secret_name = provisioner_info.get("secret_name")
+        self._settings = KubernetesSettings(config=load_config(self.config).config)
+        self._cluster = await cluster_for(self._settings)
+        saved = provisioner_info.get("mlops") or {}
+        if saved and KERNELS.get(self.kernel_id) is None:
+            KERNELS.add(KernelRecord(self.kernel_id, saved.get("user") or "", saved.get("environment"),
+                                     saved.get("profile") or "", pool=saved.get("pool")))
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    async def _wait_running(self) -> dict[str, Any]:
+        from .failures import is_running, progress, start_failure
+
+        cluster = self._cluster
+        said = None
+
+        def settled(pod: dict[str, Any] | None) -> bool:
+            nonlocal said
+            events = cluster.events_of(self.namespace, self.pod_name)
+            now = progress(events)
+            if now and now != said:
+                said = self._status = now
+                log.info("kernel %s: %s", self.kernel_id, now)
+            return is_running(pod) or start_failure(pod, events) is not None
+
+        try:
+            pod = await cluster.pods.wait_for(self.namespace, self.pod_name, settled,
+                                              timeout=self._settings.startup_timeout)
+        except asyncio.TimeoutError:
+            raise KernelStartError(f"kernel pod {self.namespace}/{self.pod_name} did not start within "
+                                   f"{self._settings.startup_timeout:g} s ({self._status or 'no progress reported'})"
+                                   ) from None
+        if not is_running(pod):
+            raise KernelStartError(start_failure(pod, cluster.events_of(self.namespace, self.pod_name)) or "?")
+        assert pod is not None
+        return pod
+
+    async def _ensure_namespace(self, user: str) -> None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        from . import manifests
+
+        core = self._cluster.core
+        try:
+            await core.read_namespace(self.namespace)
+            return
+        except ApiException as e:
+            if e.status != 404:
+                raise _api_error(e, f"reading namespace {self.namespace}") from e
+        await self._create(lambda body: core.create_namespace(body), manifests.namespace(self.namespace, user),
+                           exists_ok=True)
+        quota = self._quota_for(user)
+        if quota:
+            await self._create(core.create_namespaced_resource_quota,
+                               manifests.resource_quota(self.namespace, quota), exists_ok=True)
+        await self._create(core.create_namespaced_limit_range,
+                           manifests.limit_range(self.namespace, self._settings.default_cpu,
+                                                 self._settings.default_memory), exists_ok=True)
+
+    def _quota_for(self, user: str) -> dict[str, Any] | None:
+        from ..kernels.profiles import KernelProfiles
+
+        quotas = self._settings.role_quotas
+        roles = KernelProfiles(config=self._settings.config).roles(user)
+        found = [quotas[r] for r in roles if r in quotas] or ([quotas["*"]] if "*" in quotas else [])
+        if not found:
+            return None
+        merged: dict[str, Any] = {}
+        for quota in found:  # the most generous of the user's roles, field by field
+            for key, value in quota.items():
+                merged[key] = value if key not in merged or key == "gpu_resource" else _more(merged[key], value)
+        return merged
+
+    async def _create(self, create: Any, body: dict[str, Any], *, exists_ok: bool = False,
+                      replace: bool = False) -> None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        what = f"{body['kind']} {self.namespace}/{body['metadata']['name']}"
+        try:
+            if body["kind"] == "Namespace":
+                await create(body)
+            else:
+                await create(self.namespace, body)
+        except ApiException as e:
+            if e.status == 409 and (exists_ok or replace):
+                return
+            raise _api_error(e, f"creating {what}") from e
+
+    async def _delete(self, grace: int | None) -> None:
+        if self._cluster is None or not self.pod_name or not self.namespace:
+            return
+        kwargs = {} if grace is None else {"grace_period_seconds": grace}
+        await self._ignore_missing(self._cluster.core.delete_namespaced_pod(self.pod_name, self.namespace, **kwargs))
+
+    @staticmethod
+    async def _ignore_missing(call: Any) -> None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            await call
+        except ApiException as e:
+            if e.status != 404:
+                raise _api_error(e, "deleting") from e
+
+
+def _api_error(e: Any, doing: str) -> KubernetesError:
+    """One line from an ApiException: the API's own message (quota exceeded says what and how much)."""
+    import json
+
+    message = getattr(e, "reason", "") or ""
+    try:
+        message = json.loads(e.body).get("message") or message
+    except (TypeError, ValueError, AttributeError):
+        pass
+    if e.status == 403 and "exceeded quota" in message:
+        return KubernetesError(f"{doing}: the namespace's quota is used up ({message}); shut down a kernel or "
+                               "ask for a smaller profile")
+    return KubernetesError(f"{doing}: {e.status} {' '.join(str(message).split())[:300]}")
+
+
+def _more(a: Any, b: Any) -> Any:
+    from ..kernels.profiles import parse_memory
+
+    try:
+        return a if parse_memory(a, "quota") >= parse_memory(b, "quota") else b
+    except Exception:
+        return max(a, b)
+
+
+def _image_of(environment: str | None, config: Any) -> str:
+    from ..environments.spec import find_environments, load_environment
+
+    if not environment:
+        raise KernelStartError("a kernel on Kubernetes runs an environment's image: choose an environment "
+                               "whose environment.yml has `image:`")
+    found = find_environments(config.resolved_environments_dir)
+    if environment not in found:
+        raise KernelStartError(f"no environment {environment!r} (known: {', '.join(found) or 'none'})")
+    spec = load_environment(found[environment])
+    if not spec.image:
+        raise KernelStartError(f"environment {environment!r} has no `image:`; add the image built from its lock "
+                               f"to {spec.file}")
+    return spec.image
+
+
+def _server_user() -> str:
+    from ..kernels.launch import current_user
+
+    return current_user()
