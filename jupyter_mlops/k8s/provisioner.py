@@ -94,13 +94,18 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             secret_name=self.secret_name, service_account=self._settings.service_account or None,
             image_pull_policy=self._settings.image_pull_policy)
         await self._create(cluster.core.create_namespaced_secret, secret, replace=True)
-        await self._create(cluster.core.create_namespaced_pod, pod)
+        try:
+            await self._create(cluster.core.create_namespaced_pod, pod)
+        except BaseException:  # refused (quota, forbidden): the key goes too
+            await self._ignore_missing(cluster.core.delete_namespaced_secret(self.secret_name, self.namespace))
+            raise
         KERNELS.add(KernelRecord(self.kernel_id, "" if plan["pool"] else plan["user"], plan["environment"],
                                  plan["profile"].name, pool=plan["pool"]))
         try:
             running = await self._wait_running()
-        except BaseException:
+        except BaseException:  # nothing of a kernel that never ran stays behind
             await self._delete(grace=0)
+            await self.cleanup()
             raise
         ip = running["status"]["podIP"]
         self.connection_info = {"ip": ip, "transport": "tcp", "key": key.encode(), "signature_scheme": "hmac-sha256",
@@ -136,12 +141,22 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await self._delete(grace=None)
 
     async def cleanup(self, restart: bool = False) -> None:
-        if self._cluster is not None and self.namespace and self.secret_name and not restart:
-            await self._ignore_missing(self._cluster.core.delete_namespaced_secret(self.secret_name, self.namespace))
+        """Delete the pod (an ended pod stays in the namespace otherwise) and wait until it is gone,
+        so a restart can make the next one under the same name; the Secret and the record go
+        unless restarting."""
+        cluster = self._cluster
+        if cluster is not None and self.namespace and self.pod_name:
+            await self._delete(grace=0)
+            try:
+                await cluster.pods.wait_for(self.namespace, self.pod_name, lambda p: p is None, timeout=60)
+            except asyncio.TimeoutError:
+                log.warning("kernel pod %s/%s is still there a minute after its deletion", self.namespace,
+                            self.pod_name)
+            cluster.forget(self.namespace, self.pod_name)
+            if not restart and self.secret_name:
+                await self._ignore_missing(cluster.core.delete_namespaced_secret(self.secret_name, self.namespace))
         if not restart:
             KERNELS.remove(self.kernel_id)
-        if self._cluster is not None and self.namespace and self.pod_name:
-            self._cluster.forget(self.namespace, self.pod_name)
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
@@ -175,9 +190,13 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
         cluster = self._cluster
         said = None
+        seen = False  # the watch may deliver the new pod after the create returned: None is "not yet"
 
         def settled(pod: dict[str, Any] | None) -> bool:
-            nonlocal said
+            nonlocal said, seen
+            if pod is None and not seen:
+                return False
+            seen = True
             events = cluster.events_of(self.namespace, self.pod_name)
             now = progress(events)
             if now and now != said:

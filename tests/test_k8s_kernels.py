@@ -1,0 +1,157 @@
+"""Kernels as pods: the mlops-kubernetes provisioner with the real kubernetes_asyncio client against
+the API emulator and kubelet stand-in of tests/k8s (a pod's command runs as a local process on a
+loopback address of its own, so the kernel really starts, executes, is interrupted and restarted)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+from traitlets.config import Config
+
+from jupyter_mlops.errors import KernelStartError, KubernetesError
+from jupyter_mlops.kernels.registry import KERNELS
+
+from .k8s.emulator import running_cluster
+from .k8s.kubelet import Node
+
+pytest.importorskip("kubernetes_asyncio")
+
+
+@pytest.fixture
+def k8s_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    defs = tmp_path / "environments"
+    for name, image in (("demo", "registry.example/demo:1"), ("broken", "registry.example/nope:1")):
+        (defs / name).mkdir(parents=True)
+        (defs / name / "environment.yml").write_text(f"channels: [conda-forge]\ndependencies: [python=3.11]\n"
+                                                    f"image: {image}\n")
+    monkeypatch.setenv("MLOPS_ENVIRONMENTS_DIR", str(defs))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    config = Config()
+    config.MlopsConfig.kernel_backend = "kubernetes"
+    config.KernelProfiles.profiles = {"small": {"display_name": "Small", "cpu": 0.5, "memory": "1Gi"},
+                                      "gpu-1": {"display_name": "One GPU", "cpu": 1, "memory": "1Gi", "gpus": 1}}
+    config.Kubernetes.role_quotas = {"*": {"cpu": "2", "memory": "4Gi", "pods": 2}}
+    yield config
+    assert not KERNELS.all(), "a kernel outlived its test"
+
+
+@pytest.fixture
+def cluster(k8s_config: Config) -> Any:
+    """``cluster(body)``: runs ``await body(api, kubelet)`` with an emulated cluster, config pointed at it."""
+
+    def run(body: Any, nodes: list | None = None) -> Any:
+        async def go() -> Any:
+            async with running_cluster(nodes=nodes or [Node("cpu-1", cpu="4", memory="16Gi")]) as (client, api, kubelet):
+                k8s_config.Kubernetes.api_host = api.url
+                from jupyter_mlops.kernels.kernelspecs import sync_from_config
+
+                sync_from_config(k8s_config)
+                try:
+                    result = await body(api, kubelet)
+                    from kubernetes_asyncio.client import CoreV1Api
+
+                    core = CoreV1Api(client)
+                    left = [p.metadata.name for p in (await core.list_pod_for_all_namespaces()).items]
+                    left += [s.metadata.name for s in (await core.list_secret_for_all_namespaces()).items]
+                    assert not left, f"left in the cluster: {left}"
+                    return result
+                finally:
+                    from jupyter_mlops.k8s import client as k8s_client
+
+                    for key, c in list(k8s_client._CLUSTERS.items()):
+                        await c.close()
+                        k8s_client._CLUSTERS.pop(key, None)
+
+        return asyncio.run(go())
+
+    return run
+
+
+async def _start(config: Config, kernel_name: str = "mlops-demo-small", **kw: Any) -> Any:
+    from jupyter_client.manager import AsyncKernelManager
+
+    km = AsyncKernelManager(kernel_name=kernel_name, config=config)
+    await km.start_kernel(**kw)
+    return km
+
+
+async def _run(km: Any, code: str, timeout: float = 30) -> str:
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=timeout)
+        out: list[str] = []
+        reply = await client.execute_interactive(
+            code, timeout=timeout,
+            output_hook=lambda m: out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
+        return "".join(out) if reply["content"]["status"] == "ok" else f"error: {reply['content'].get('ename')}"
+    finally:
+        client.stop_channels()
+
+
+def test_a_kernel_runs_in_a_pod_is_interrupted_restarted_and_leaves_nothing(cluster: Any, k8s_config: Config) -> None:
+    async def body(api: Any, kubelet: Any) -> None:
+        km = await _start(k8s_config, mlops_user="Alice.Smith")
+        try:
+            info = await km.provisioner.get_provisioner_info()
+            assert info["namespace"].startswith("mlops-alice-smith-")  # sanitised and unique
+            facts = json.loads(await _run(km, "import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+                                                  "('MLOPS_POD_IP', 'MLOPS_KERNEL_PROFILE', 'MLOPS_KERNEL_ENVIRONMENT')}))"))
+            assert facts["MLOPS_POD_IP"] == km.provisioner.connection_info["ip"] != "127.0.0.1"
+            assert (facts["MLOPS_KERNEL_PROFILE"], facts["MLOPS_KERNEL_ENVIRONMENT"]) == ("small", "demo")
+            # an interrupt is a message: a signal could not reach into a pod
+            client = km.client()
+            client.start_channels()
+            await client.wait_for_ready(timeout=30)
+            sleeping = asyncio.Event()
+            running = asyncio.ensure_future(client.execute_interactive(
+                "import time; print('sleeping', flush=True); time.sleep(60)", timeout=60,
+                output_hook=lambda m: sleeping.set() if m["msg_type"] == "stream" else None))
+            await asyncio.wait_for(sleeping.wait(), 30)
+            await km.interrupt_kernel()
+            reply = await asyncio.wait_for(running, 30)
+            client.stop_channels()
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            await km.restart_kernel(now=True)
+            assert (await _run(km, "print(1 + 1)")).strip() == "2"
+        finally:
+            await km.shutdown_kernel(now=True)
+
+    cluster(body)
+
+
+def test_pods_that_cannot_start_fail_at_once_with_the_reason(cluster: Any, k8s_config: Config) -> None:
+    async def body(api: Any, kubelet: Any) -> None:
+        kubelet.image_fails("registry.example/nope:*")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(KernelStartError, match="ErrImagePull|ImagePullBackOff"):
+            await _start(k8s_config, "mlops-broken-small", mlops_user="bob")
+        with pytest.raises(KernelStartError, match="Unschedulable: 0/1 nodes are available.*nvidia.com/gpu"):
+            await _start(k8s_config, "mlops-demo-gpu-1", mlops_user="bob")
+        assert loop.time() - started < 20, "failures are reported when the cluster knows them, not at a timeout"
+        assert not KERNELS.all()
+
+    cluster(body)
+
+
+def test_the_namespace_quota_is_enforced_with_the_apis_message(cluster: Any, k8s_config: Config) -> None:
+    k8s_config.Kubernetes.role_quotas = {"*": {"cpu": "1", "memory": "4Gi", "pods": 4}}
+
+    async def body(api: Any, kubelet: Any) -> None:
+        first = await _start(k8s_config, mlops_user="carol")
+        second = await _start(k8s_config, mlops_user="carol")
+        try:
+            with pytest.raises(KubernetesError, match="quota is used up.*exceeded quota"):
+                await _start(k8s_config, mlops_user="carol")
+        finally:
+            await first.shutdown_kernel(now=True)
+            await second.shutdown_kernel(now=True)
+
+    cluster(body)
