@@ -154,3 +154,62 @@ def test_the_namespace_quota_is_enforced_with_the_apis_message(cluster: Any, k8s
             await second.shutdown_kernel(now=True)
 
     cluster(body)
+
+
+def test_a_restarted_server_re_adopts_a_running_kernel_pod(cluster: Any, k8s_config: Config) -> None:
+    async def body(api: Any, kubelet: Any) -> None:
+        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_client.provisioning import KernelProvisionerFactory
+
+        from jupyter_mlops.k8s import client as k8s_client
+
+        km = await _start(k8s_config, mlops_user="dave")
+        await _run(km, "answer = 42")
+        info = await km.provisioner.get_provisioner_info()
+        # the server goes away: its watches, its records; the pod keeps running
+        for key, c in list(k8s_client._CLUSTERS.items()):
+            await c.close()
+            k8s_client._CLUSTERS.pop(key, None)
+        KERNELS.remove(km.kernel_id)
+
+        adopted = AsyncKernelManager(kernel_name="mlops-demo-small", config=k8s_config)
+        adopted.kernel_id = info["kernel_id"]
+        provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+            info["kernel_id"], adopted.kernel_spec, parent=adopted)
+        await provisioner.load_provisioner_info(info)
+        adopted.provisioner = provisioner
+        adopted.load_connection_info(info["connection_info"])
+        assert await adopted.is_alive()
+        assert (await _run(adopted, "print(answer)")).strip() == "42"  # the same kernel, state intact
+        assert [(r.user, r.profile) for r in KERNELS.all()] == [("dave", "small")]
+        await adopted.shutdown_kernel(now=True)
+
+    cluster(body)
+
+
+def test_the_shared_watch_resumes_after_disconnects_and_relists_after_410(cluster: Any, k8s_config: Config) -> None:
+    async def body(api: Any, kubelet: Any) -> None:
+        from jupyter_mlops.k8s.client import cluster_for
+        from jupyter_mlops.k8s.settings import KubernetesSettings
+
+        shared = await cluster_for(KubernetesSettings(config=k8s_config))
+        km = await _start(k8s_config, mlops_user="erin")
+        try:
+            api.drop_watches()  # the watch resumes from its last resourceVersion
+            await _run(km, "print(1)")
+            # the cluster moves on (other objects change), its history is compacted, and the watch
+            # drops: the pods' last resourceVersion is too old to resume from (410), so it relists
+            from kubernetes_asyncio.client import CoreV1Api
+
+            await CoreV1Api(shared.api).create_namespaced_config_map(
+                "default", {"metadata": {"name": "unrelated"}, "data": {"a": "b"}})
+            api.compact()
+            api.drop_watches()
+            await km.restart_kernel(now=True)  # the new pod is seen through the relisted watch
+            assert (await _run(km, "print(2)")).strip() == "2"
+            assert shared.pods.relists >= 1 and shared.pods.resumes >= 2
+        finally:
+            await km.shutdown_kernel(now=True)
+            await CoreV1Api(shared.api).delete_namespaced_config_map("unrelated", "default")
+
+    cluster(body)
