@@ -213,3 +213,38 @@ def test_the_shared_watch_resumes_after_disconnects_and_relists_after_410(cluste
             await CoreV1Api(shared.api).delete_namespaced_config_map("unrelated", "default")
 
     cluster(body)
+
+
+def test_a_warm_pod_pool_hands_a_running_kernel_pod_to_one_user(cluster: Any, k8s_config: Config, tmp_path: Path) -> None:
+    async def body(api: Any, kubelet: Any) -> None:
+        from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+        from jupyter_mlops.server.pools import WarmPools
+
+        k8s_config.WarmPools.sizes = {"demo/small": 1}
+        k8s_config.WarmPools.refill_delay = 0.0
+        mkm = AsyncMappingKernelManager(config=k8s_config, root_dir=str(tmp_path))
+        pools = WarmPools(mkm, config=k8s_config)
+        try:
+            assert await pools.wait_ready(60)
+            kernel_id = await pools.claim("demo", "small", "frank")
+            assert kernel_id in mkm.list_kernel_ids()
+            km = mkm.get_kernel(kernel_id)
+            assert (await _run(km, "import os; print(os.environ['MLOPS_KERNEL_PROFILE'])")).strip() == "small"
+            record = KERNELS.get(kernel_id)
+            assert (record.user, record.pool) == ("frank", "demo/small")
+            from jupyter_mlops.k8s.client import cluster_for
+            from jupyter_mlops.k8s.settings import KubernetesSettings
+
+            shared = await cluster_for(KubernetesSettings(config=k8s_config))
+            labelled = await shared.pods.wait_for(
+                "mlops-pool", km.provisioner.pod_name,
+                lambda p: p and p["metadata"]["labels"].get("mlops.jupyter.org/user") == "frank", timeout=10)
+            assert labelled["metadata"]["annotations"]["mlops.jupyter.org/user"] == "frank"
+            assert await pools.wait_ready(60)  # refilled with another pod, never this one again
+            assert [p["ready"] for p in pools.status()] == [1]
+            await mkm.shutdown_kernel(kernel_id, now=True)
+        finally:
+            await pools.stop()
+
+    cluster(body)

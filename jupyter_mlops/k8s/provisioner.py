@@ -70,7 +70,9 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             check_limits(user, profiles.limits(user), [r.for_limits() for r in KERNELS.all()], profile.gpus)
         self._plan = {"user": user, "environment": environment, "profile": profile,
                       "image": _image_of(environment, config), "pool": choice["pool"]}
-        self.namespace = namespace_for(user, self._settings.namespace_template)
+        # a pooled pod belongs to no one until claimed: it waits in the pool's namespace
+        self.namespace = self._settings.pool_namespace if choice["pool"] else \
+            namespace_for(user, self._settings.namespace_template)
         kwargs = await super().pre_launch(**kwargs)
         kwargs.setdefault("cmd", [])
         return kwargs
@@ -111,6 +113,23 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.connection_info = {"ip": ip, "transport": "tcp", "key": key.encode(), "signature_scheme": "hmac-sha256",
                                 **{f"{c}_port": p for c, p in manifests.KERNEL_PORTS.items()}}
         return self.connection_info
+
+    def hand_over(self, user: str) -> None:
+        """A pooled kernel pod claimed by ``user``: theirs in the registry at once, and in the pod's
+        labels shortly after (a background patch; listing by label follows it)."""
+        KERNELS.hand_over(self.kernel_id, user)
+        if self._cluster is not None and self.pod_name:
+            task = asyncio.ensure_future(self._relabel(user))
+            task.add_done_callback(lambda t: t.exception() and log.warning(
+                "kernel pod %s: relabelling for %s failed: %s", self.pod_name, user, t.exception()))
+
+    async def _relabel(self, user: str) -> None:
+        from .manifests import LABEL_USER
+        from .names import label_value
+
+        # the label is sanitised; the annotation keeps the name as it is (as the builders write them)
+        body = {"metadata": {"labels": {LABEL_USER: label_value(user)}, "annotations": {LABEL_USER: user}}}
+        await self._cluster.core.patch_namespaced_pod(self.pod_name, self.namespace, body)
 
     async def poll(self) -> int | None:
         if self._cluster is None or self.pod_name is None:
@@ -230,7 +249,7 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 raise _api_error(e, f"reading namespace {self.namespace}") from e
         await self._create(lambda body: core.create_namespace(body), manifests.namespace(self.namespace, user),
                            exists_ok=True)
-        quota = self._quota_for(user)
+        quota = None if self._plan.get("pool") else self._quota_for(user)  # a pool is bounded by its size
         if quota:
             await self._create(core.create_namespaced_resource_quota,
                                manifests.resource_quota(self.namespace, quota), exists_ok=True)

@@ -22,6 +22,8 @@ class KubernetesSettings(Configurable):
     context = Unicode("", help="kubeconfig context; empty: the current one.").tag(config=True)
     namespace_template = Unicode("mlops-{user}", help="Namespace of a user's kernels and steps; {user} is "
                                  "sanitised into a valid, unique name.").tag(config=True)
+    pool_namespace = Unicode("mlops-pool", help="Namespace of warm-pool kernel pods (c.WarmPools.sizes); a "
+                             "claimed pod stays there, relabelled as its user's.").tag(config=True)
     role_quotas = Dict({}, help="role -> {cpu, memory, gpus, gpu_resource, pods}: the ResourceQuota of a "
                        "user's namespace, the most generous of their roles' ('*': users with none).").tag(config=True)
     default_cpu = Unicode("1", help="LimitRange default CPU for containers that ask for none.").tag(config=True)

@@ -195,8 +195,10 @@ class WarmPools(LoggingConfigurable):
         client = km.client()
         client.start_channels(iopub=False, stdin=False, hb=False, control=False)
         try:
-            request = client.execute(f"import os as _o; _o.chdir({cwd!r}); _o.environ['JPY_SESSION_NAME'] = "
-                                     f"{full!r}; del _o", silent=True, store_history=False)
+            # a kernel in a pod has no such folder: it keeps its own, and still learns its notebook
+            request = client.execute(f"import os as _o\ntry:\n    _o.chdir({cwd!r})\nexcept OSError:\n    pass\n"
+                                     f"_o.environ['JPY_SESSION_NAME'] = {full!r}\ndel _o",
+                                     silent=True, store_history=False)
             while (await client.get_shell_msg(timeout=10))["parent_header"].get("msg_id") != request:
                 pass
         finally:
