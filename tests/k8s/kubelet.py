@@ -16,7 +16,9 @@ import fnmatch
 import heapq
 import logging
 import os
+import random
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
@@ -113,7 +115,8 @@ class Kubelet:
 
     def __init__(self, emulator: ApiEmulator, nodes: list[Node], *, interpreter: Optional[str] = None,
                  base_env: Optional[dict[str, str]] = None, pull_backoff: float = 0.05,
-                 restart_backoff: float = 1.0, restart_backoff_max: float = 10.0) -> None:
+                 restart_backoff: float = 1.0, restart_backoff_max: float = 10.0,
+                 ip_prefix: Optional[str] = None) -> None:
         self.emulator, self.api, self.store = emulator, emulator.api, emulator.store
         self.nodes = {n.name: n for n in nodes}
         self.interpreter = interpreter or sys.executable
@@ -129,6 +132,10 @@ class Kubelet:
         self._slow: list[tuple[str, float]] = []
         self._runs: dict[tuple[str, str], PodRun] = {}
         self._pending: dict[str, tuple[str, str]] = {}  # unschedulable pods by uid, in creation order
+        # Pod IPs are <ip_prefix>.N, N from 2. The prefix (127.B.C) is random per kubelet: test
+        # sessions running side by side each have a kubelet, and pods with fixed ports (kernels use
+        # 52001-52005) must not meet on one address. All of 127/8 is loopback on Linux.
+        self.ip_prefix = ip_prefix or f"127.{random.randint(1, 254)}.{random.randint(0, 255)}"
         self._free_ips: list[int] = []
         self._next_ip = 2
         self._event_names: dict[tuple[Any, ...], str] = {}
@@ -422,17 +429,35 @@ class Kubelet:
     # ---- running -------------------------------------------------------------------------------
 
     def _start_run(self, pod: Obj, node: str) -> None:
-        run = PodRun(self, pod, node, self._allocate_ip())
+        run = PodRun(self, pod, node, self._allocate_ip(pod))
         self._runs[(run.namespace, run.name)] = run
         run.task = self.spawn(run.main())  # type: ignore[assignment]
 
-    def _allocate_ip(self) -> str:
-        if self._free_ips:
-            n = heapq.heappop(self._free_ips)
-        else:
-            n, self._next_ip = self._next_ip, self._next_ip + 1
-        return f"127.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+    def _allocate_ip(self, pod: Obj) -> str:
+        """The lowest free address whose declared container ports are bindable (something outside
+        this kubelet may hold one: that address is skipped for good)."""
+        ports = [p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports") or []
+                 if p.get("protocol", "TCP") == "TCP" and p.get("containerPort")]
+        while True:
+            if self._free_ips:
+                n = heapq.heappop(self._free_ips)
+            elif self._next_ip < 255:
+                n, self._next_ip = self._next_ip, self._next_ip + 1
+            else:
+                raise RuntimeError(f"no pod IP left in {self.ip_prefix}.0/24: delete finished pods")
+            ip = f"{self.ip_prefix}.{n}"
+            if all(_bindable(ip, port) for port in ports):
+                return ip
 
     def _release_ip(self, ip: str) -> None:
-        _, a, b, c = (int(x) for x in ip.split("."))
-        heapq.heappush(self._free_ips, (a << 16) | (b << 8) | c)
+        heapq.heappush(self._free_ips, int(ip.rsplit(".", 1)[1]))
+
+
+def _bindable(ip: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ip, port))
+        except OSError:
+            return False
+    return True
