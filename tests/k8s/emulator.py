@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Optional
@@ -21,15 +22,11 @@ from aiohttp import web
 
 from ._api import Api, dumps
 from ._selectors import SelectorError, parse_field_selector, parse_label_selector
+from ._routes import BATCH_GROUP, VERSION, delete_options, resource_list, target
 from ._store import ABORT, CLOSE, RESOURCES, ApiError, Change, Obj, ResourceType, Store
 
+log = logging.getLogger(__name__)
 __all__ = ["ApiEmulator", "ApiError", "api_client", "running_cluster", "watch_until"]
-
-VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.0-emulated", "gitCommit": "0" * 40,
-           "gitTreeState": "clean", "buildDate": "2024-08-13T00:00:00Z", "goVersion": "go1.22.5",
-           "compiler": "gc", "platform": "linux/amd64"}
-_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
-
 
 @dataclass
 class Request:
@@ -69,6 +66,7 @@ class ApiEmulator:
         self.store = Store(history=history)
         self.api = Api(self.store)
         self.requests: list[Request] = []
+        self.errors: list[BaseException] = []  # exceptions inside the emulator, answered as 500
         self.url = ""
         self.logs: Optional[Callable[[str, str, Optional[str], bool], Any]] = None  # set by the kubelet
         self._namespaces = tuple(namespaces)
@@ -189,6 +187,10 @@ class ApiEmulator:
                                 headers=e.headers)
         except SelectorError as e:
             return self._error(ApiError.bad_request(f"unable to parse requirement: {e}"))
+        except Exception as e:  # an emulator bug (or a request it cannot parse): a 500 that says so
+            self.errors.append(e)
+            log.exception("the API emulator failed on %s %s", request.method, request.path_qs)
+            return self._error(ApiError(500, f"emulator error: {e!r}"))
 
     @staticmethod
     def _error(e: ApiError) -> web.Response:
@@ -206,9 +208,9 @@ class ApiEmulator:
             return self._json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
                 {"clientCIDR": "0.0.0.0/0", "serverAddress": self.url.removeprefix("http://")}]})
         if parts == ["apis"]:
-            return self._json({"kind": "APIGroupList", "apiVersion": "v1", "groups": [_BATCH_GROUP]})
+            return self._json({"kind": "APIGroupList", "apiVersion": "v1", "groups": [BATCH_GROUP]})
         if parts == ["apis", "batch"]:
-            return self._json({"kind": "APIGroup", "apiVersion": "v1", **_BATCH_GROUP})
+            return self._json({"kind": "APIGroup", "apiVersion": "v1", **BATCH_GROUP})
         if parts[:2] == ["api", "v1"]:
             group, rest = "", parts[2:]
         elif parts[:3] == ["apis", "batch", "v1"]:
@@ -216,8 +218,8 @@ class ApiEmulator:
         else:
             raise ApiError(404, "the server could not find the requested resource", details={})
         if not rest:
-            return self._json(_resource_list(group))
-        rt, namespace, name, sub = _target(group, rest)
+            return self._json(resource_list(group))
+        rt, namespace, name, sub = target(group, rest)
         req = self._record(request, rt, namespace, name, sub)
         injected = self._injected(req)
         if injected is not None and not (req.verb == "watch" and injected.code == 410):
@@ -273,7 +275,7 @@ class ApiEmulator:
         if verb == "patch":
             return self._json(self.api.patch(rt, ns, name or "", await self._body(request),
                                              request.headers.get("Content-Type", ""), sub))
-        options = _delete_options(await self._body(request) or {}, q)
+        options = delete_options(await self._body(request) or {}, q)
         if verb == "delete":
             return self._json(self.api.delete(rt, ns, name or "", options))
         for obj in self.api.list(rt, namespace, q.get("labelSelector"), q.get("fieldSelector")):
@@ -401,63 +403,6 @@ class ApiEmulator:
         finally:
             self._streams.discard(task)
         return resp
-
-
-_BATCH_GROUP = {"name": "batch", "versions": [{"groupVersion": "batch/v1", "version": "v1"}],
-                "preferredVersion": {"groupVersion": "batch/v1", "version": "v1"}}
-
-
-def _resource_list(group: str) -> Obj:
-    resources = []
-    for rt in RESOURCES.values():
-        if rt.group != group:
-            continue
-        resources.append({"name": rt.plural, "singularName": rt.kind.lower(), "namespaced": rt.namespaced,
-                          "kind": rt.kind, "verbs": _VERBS, "shortNames": list(rt.short_names)})
-        if rt.status_subresource:
-            resources.append({"name": f"{rt.plural}/status", "singularName": "", "namespaced": rt.namespaced,
-                              "kind": rt.kind, "verbs": ["get", "patch", "update"]})
-    if not group:
-        resources.append({"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod", "verbs": ["get"]})
-    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/v1" if group else "v1",
-            "resources": resources}
-
-
-def _resource(group: str, plural: str) -> ResourceType:
-    rt = RESOURCES.get(plural)
-    if rt is None or rt.group != group:
-        raise ApiError(404, "the server could not find the requested resource", details={})
-    return rt
-
-
-def _target(group: str, rest: list[str]) -> tuple[ResourceType, Optional[str], Optional[str], str]:
-    """URL path after /api/v1 or /apis/batch/v1 -> (resource, namespace, name, subresource)."""
-    if rest[0] == "namespaces" and not group and len(rest) <= 2:
-        return RESOURCES["namespaces"], None, rest[1] if len(rest) == 2 else None, ""
-    if rest[0] == "namespaces" and not group and len(rest) == 3 and rest[2] in ("status", "finalize"):
-        return RESOURCES["namespaces"], None, rest[1], rest[2]
-    if rest[0] == "namespaces" and 3 <= len(rest) <= 5:
-        rt = _resource(group, rest[2])
-        if not rt.namespaced:
-            raise ApiError(404, "the server could not find the requested resource", details={})
-        return rt, rest[1], rest[3] if len(rest) > 3 else None, rest[4] if len(rest) > 4 else ""
-    if len(rest) <= 3:
-        rt = _resource(group, rest[0])
-        if rt.namespaced and len(rest) > 1:
-            raise ApiError(404, "the server could not find the requested resource", details={})
-        return rt, None, rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else ""
-    raise ApiError(404, "the server could not find the requested resource", details={})
-
-
-def _delete_options(body: Obj, q: Any) -> Obj:
-    options = dict(body) if isinstance(body, dict) else {}
-    if q.get("gracePeriodSeconds") is not None:
-        options["gracePeriodSeconds"] = int(q["gracePeriodSeconds"])
-    if q.get("propagationPolicy"):
-        options["propagationPolicy"] = q["propagationPolicy"]
-    if q.get("orphanDependents"):
-        options["orphanDependents"] = q["orphanDependents"].lower() == "true"
-    return options
 
 
 async def watch_until(func: Callable[..., Any], *args: Any, until: Callable[[dict[str, Any]], bool],

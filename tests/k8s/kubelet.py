@@ -22,7 +22,6 @@ import socket
 import sys
 import tempfile
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -30,8 +29,9 @@ from typing import Any, Callable, Coroutine, Optional
 
 from ._admission import is_terminal_pod, parse_quantity, pod_usage
 from ._controllers import CronJobController, JobController
-from ._pods import PodRun, log_source, set_condition
-from ._selectors import match_label_selector_object
+from ._logs import log_source
+from ._pods import PodRun, set_condition
+from ._scheduler import fit_error, unfit
 from ._store import RESOURCES, ApiError, Change, Obj, now
 from .emulator import ApiEmulator
 
@@ -73,40 +73,6 @@ class Node:
                                          {"type": "Hostname", "address": self.name}],
                            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                                            "message": "kubelet is posting ready status"}]}}
-
-
-def _tolerates(tolerations: list[Obj], taint: dict[str, str]) -> bool:
-    for t in tolerations:
-        if t.get("effect") and t["effect"] != taint.get("effect"):
-            continue
-        if t.get("operator") == "Exists" and not t.get("key"):
-            return True
-        if t.get("key") == taint.get("key") and (t.get("operator") == "Exists" or
-                                                 t.get("value", "") == taint.get("value", "")):
-            return True
-    return False
-
-
-def _affinity_matches(spec: Obj, node: Node) -> bool:
-    labels = node.all_labels()
-    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
-        return False
-    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
-                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
-    terms = required.get("nodeSelectorTerms")
-    if not terms:
-        return True
-
-    def expr_ok(e: Obj, values: dict[str, str]) -> bool:
-        key, op, vals = e["key"], e["operator"], e.get("values") or []
-        if op in ("Gt", "Lt"):
-            return key in values and values[key].isdigit() and (
-                int(values[key]) > int(vals[0]) if op == "Gt" else int(values[key]) < int(vals[0]))
-        return match_label_selector_object({"matchExpressions": [{"key": key, "operator": op, "values": vals}]},
-                                           values)
-    return any(all(expr_ok(e, labels) for e in term.get("matchExpressions") or []) and
-               all(expr_ok(e, {"metadata.name": node.name}) for e in term.get("matchFields") or [])
-               for term in terms)
 
 
 class Kubelet:
@@ -357,41 +323,18 @@ class Kubelet:
         return used, len(pods)
 
     def _unfit(self, pod: Obj, node: Node) -> list[str]:
-        """Why ``pod`` cannot go on ``node``, in the scheduler's filter order and words ([] if it fits)."""
-        spec = pod["spec"]
-        for taint in node.taints:
-            if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(spec.get("tolerations") or [], taint):
-                return [f"node(s) had untolerated taint {{{taint.get('key')}: {taint.get('value', '')}}}"]
-        if not _affinity_matches(spec, node):
-            return ["node(s) didn't match Pod's node affinity/selector"]
         used, count = self._node_usage(node.name)
-        free = node.allocatable()
-        reasons = ["Too many pods"] if count >= node.max_pods else []
-        for key, q in sorted(pod_usage(pod).items()):
-            res = key[9:]
-            if key.startswith("requests.") and q > 0 and used.get(res, Fraction(0)) + q > free.get(res, Fraction(0)):
-                reasons.append(f"Insufficient {res}")
-        return reasons
+        return unfit(pod, node, used, count)
 
     def _schedule(self, pod: Obj) -> None:
-        reasons: Counter[str] = Counter()
-        preemption: Counter[str] = Counter()
+        per_node = []
         for node in sorted(self.nodes.values(), key=lambda n: n.name):
             why = self._unfit(pod, node)
             if not why:
                 self._bind(pod, node)
                 return
-            reasons.update(why)
-            helpful = why[0].startswith(("Insufficient", "Too many"))
-            preemption["No preemption victims found for incoming pod" if helpful
-                       else "Preemption is not helpful for scheduling"] += 1
-        n = len(self.nodes)
-        if not n:
-            message = "no nodes available to schedule pods"
-        else:
-            detail = ", ".join(sorted(f"{v} {k}" for k, v in reasons.items()))
-            pre = ", ".join(sorted(f"{v} {k}" for k, v in preemption.items()))
-            message = f"0/{n} nodes are available: {detail}. preemption: 0/{n} nodes are available: {pre}."
+            per_node.append(why)
+        message = fit_error(len(self.nodes), per_node)
         meta = pod["metadata"]
         self._pending[meta["uid"]] = (meta["namespace"], meta["name"])
         previous = next((c.get("message") for c in (pod.get("status") or {}).get("conditions") or []
