@@ -45,6 +45,7 @@ class JobController:
         self._counted: dict[str, set[str]] = {}  # job uid -> pod uids already in its counters
         self._lost: dict[str, int] = {}  # job uid -> pods deleted before they finished
         self._expired: set[str] = set()
+        self._started: dict[str, float] = {}  # job uid -> loop.time() when this controller started it
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
 
     def stop(self) -> None:
@@ -111,10 +112,14 @@ class JobController:
         else:
             if any(c["type"] == "Suspended" for c in conds):
                 set_condition(conds, "Suspended", False, "JobResumed", "Job resumed")
+            loop = asyncio.get_running_loop()
             if "startTime" not in status:
                 status["startTime"] = now()
+                self._started[uid] = loop.time()  # startTime has whole seconds: too coarse for a deadline
             if spec.get("activeDeadlineSeconds"):
-                elapsed = (dt.datetime.now(dt.timezone.utc) - parse_time(status["startTime"])).total_seconds()
+                started = self._started.get(uid)
+                elapsed = loop.time() - started if started is not None else (
+                    dt.datetime.now(dt.timezone.utc) - parse_time(status["startTime"])).total_seconds()
                 self._later((uid, "deadline"), max(0.0, spec["activeDeadlineSeconds"] - elapsed),
                             lambda: self._expire(uid, namespace, name))
             if uid in self._expired:

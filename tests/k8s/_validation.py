@@ -325,6 +325,10 @@ def _validate_job(job: Obj, causes: Causes) -> None:
         if k in spec and spec[k] is not None and (not isinstance(spec[k], int) or spec[k] < (1 if k ==
                                                   "activeDeadlineSeconds" else 0)):
             causes.append(_invalid(f"spec.{k}", spec[k], "must be greater than or equal to 0"))
+    uid = job["metadata"].get("uid")
+    generated = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    if not spec.get("manualSelector") and spec.get("selector") != generated:
+        causes.append(_invalid("spec.selector", spec.get("selector"), "`selector` not auto-generated"))
     name = job["metadata"].get("name", "")
     if len(name) > 63:
         causes.append(_invalid("spec.template.labels", name, "must be no more than 63 characters"))
