@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
                      "env_create_noop_s", "env_create_shared_cache_s", "server_pooled_first_reply_s",
                      "server_cold_first_reply_s"},
          {"vs_cold_jupyter_client", "cold_vs_jupyter_client", "server_vs_cold"}),
+        ("k8s", {"pooled_claim_s", "cold_start_s", "kernels_managed", "api_p99_ms", "watch_latency_p99_ms",
+                 "watches_open", "rss_mib", "api_calls_per_start", "api_calls_per_claim"}, {"vs_cold_start"}),
     ],
 )
 def test_bench_quick_runs_and_reports(bench: str, metrics: set[str], ratios: set[str]) -> None:
