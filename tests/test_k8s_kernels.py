@@ -171,6 +171,7 @@ def test_a_restarted_server_re_adopts_a_running_kernel_pod(cluster: Any, k8s_con
             await c.close()
             k8s_client._CLUSTERS.pop(key, None)
         KERNELS.remove(km.kernel_id)
+        km.context.destroy(linger=0)  # what the ended process's sockets held
 
         adopted = AsyncKernelManager(kernel_name="mlops-demo-small", config=k8s_config)
         adopted.kernel_id = info["kernel_id"]
@@ -246,5 +247,40 @@ def test_a_warm_pod_pool_hands_a_running_kernel_pod_to_one_user(cluster: Any, k8
             await mkm.shutdown_kernel(kernel_id, now=True)
         finally:
             await pools.stop()
+
+    cluster(body)
+
+
+def test_a_server_restart_re_adopts_kernel_pods_and_deletes_what_serves_no_one(cluster: Any, k8s_config: Config,
+                                                                               tmp_path: Path) -> None:
+    async def body(api: Any, kubelet: Any) -> None:
+        from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+        from jupyter_mlops.k8s import client as k8s_client
+        from jupyter_mlops.k8s.settings import KubernetesSettings
+        from jupyter_mlops.server.adopt import readopt_kernel_pods
+        from jupyter_mlops.server.pools import WarmPools
+
+        k8s_config.WarmPools.sizes = {"demo/small": 1}
+        before = AsyncMappingKernelManager(config=k8s_config, root_dir=str(tmp_path))
+        kernel_id = await before.start_kernel(kernel_name="mlops-demo-small", mlops_user="gina")
+        await _run(before.get_kernel(kernel_id), "x = 7")
+        pools = WarmPools(before, config=k8s_config)
+        assert await pools.wait_ready(60)
+        # the server process ends without shutting anything down: pods, secrets stay in the cluster
+        for key, c in list(k8s_client._CLUSTERS.items()):
+            await c.close()
+            k8s_client._CLUSTERS.pop(key, None)
+        for record in KERNELS.all():
+            KERNELS.remove(record.kernel_id)
+        before.context.destroy(linger=0)  # what the ended process's sockets held
+
+        after = AsyncMappingKernelManager(config=k8s_config, root_dir=str(tmp_path))
+        adopted, deleted = await readopt_kernel_pods(after, KubernetesSettings(config=k8s_config))
+        assert adopted == [kernel_id] and len(deleted) == 1  # the pooled pod: the pool refills
+        assert (await _run(after.get_kernel(kernel_id), "print(x)")).strip() == "7"
+        assert [(r.user, r.environment, r.profile) for r in KERNELS.all()] == [("gina", "demo", "small")]
+        assert await readopt_kernel_pods(after, KubernetesSettings(config=k8s_config)) == ([], [])  # idempotent
+        await after.shutdown_kernel(kernel_id, now=True)
 
     cluster(body)

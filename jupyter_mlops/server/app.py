@@ -55,8 +55,21 @@ class MlopsExtensionApp(ExtensionApp):
         self.handlers.extend(HANDLERS)
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        if self.service is not None:
-            self.service.pools.start()
+        if self.service is None:
+            return
+        if self.service.settings.kernel_backend == "kubernetes":
+            from ..k8s.settings import KubernetesSettings
+            from .adopt import readopt_kernel_pods
+
+            try:
+                adopted, deleted = await readopt_kernel_pods(self.serverapp.kernel_manager,
+                                                             KubernetesSettings(config=self.service.config))
+                if adopted or deleted:
+                    self.log.info("mlops: re-adopted %d kernel pod(s), deleted %d that could serve no one",
+                                  len(adopted), len(deleted))
+            except Exception as e:  # the cluster is down: kernels started later say so themselves
+                self.log.warning("mlops: kernel pods not re-adopted: %s", e)
+        self.service.pools.start()
 
     async def stop_extension(self) -> None:
         if self.service is not None:

@@ -28,6 +28,7 @@ from traitlets.config import LoggingConfigurable
 from ..errors import ConfigError
 from ..kernels.kernelspecs import BASE_SPEC
 from ..kernels.pool import warm_up
+from .adopt import adopt_kernel
 from ..kernels.registry import KERNELS
 
 __all__ = ["WarmPools", "pool_key"]
@@ -93,7 +94,7 @@ class WarmPools(LoggingConfigurable):
             pool.claimed += 1
             self._refill_soon(pool)
             await self._hand_over(km, path)
-            self._adopt(km, info)
+            adopt_kernel(self.mkm, km, info)
             km.provisioner.hand_over(user)
             return str(km.kernel_id)
         return None
@@ -212,29 +213,3 @@ class WarmPools(LoggingConfigurable):
             self._wake.set()
         else:
             asyncio.get_running_loop().call_later(self.refill_delay, self._wake.set)
-
-    def _adopt(self, km: Any, kernel_info: dict[str, Any]) -> None:
-        """Make ``km`` a kernel of the server's kernel manager, as its ``start_kernel`` would have.
-
-        This is the one place that knows jupyter_server's bookkeeping of a started kernel (2.x):
-        the kernel table, connection count, activity markers, ports, activity watch, the callback
-        for a failed auto-restart and the running-kernels metric; and the kernel_info the warm-up
-        already has, so the first websocket does not ask the kernel again.
-        """
-        from jupyter_server._tz import utcnow
-        from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
-
-        mkm, kernel_id = self.mkm, km.kernel_id
-        mkm._kernels[kernel_id] = km
-        mkm._kernel_connections[kernel_id] = 0
-        km.execution_state = "idle"
-        km.reason = ""
-        km.last_activity = utcnow()
-        mkm._kernel_ports[kernel_id] = km.ports
-        mkm.start_watching_activity(kernel_id)
-        mkm.add_restart_callback(kernel_id, lambda: mkm._handle_kernel_died(kernel_id), "dead")
-        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).inc()  # its shutdown decrements it
-        if kernel_info.get("protocol_version"):
-            known: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            known.set_result(kernel_info)
-            km._kernel_info_future = known
