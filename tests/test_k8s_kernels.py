@@ -284,3 +284,18 @@ def test_a_server_restart_re_adopts_kernel_pods_and_deletes_what_serves_no_one(c
         await after.shutdown_kernel(kernel_id, now=True)
 
     cluster(body)
+
+
+def test_a_slow_image_pull_is_reported_while_it_lasts(cluster: Any, k8s_config: Config,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    async def body(api: Any, kubelet: Any) -> None:
+        kubelet.image_slow("registry.example/demo:*", 0.5)
+        with caplog.at_level("INFO", logger="jupyter_mlops.k8s"):
+            km = await _start(k8s_config, mlops_user="hal")
+        try:
+            said = [r.getMessage() for r in caplog.records if r.name == "jupyter_mlops.k8s"]
+            assert any("pulling" in m and "registry.example/demo:1" in m for m in said), said
+        finally:
+            await km.shutdown_kernel(now=True)
+
+    cluster(body)

@@ -29,7 +29,9 @@ class Cluster:
         self.pods = Watcher(functools.partial(self.core.list_pod_for_all_namespaces, label_selector=MANAGED_SELECTOR),
                             what="pods")
         self.events: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (namespace, pod) -> events, for pods we watch
-        self.event_watch = Watcher(self.core.list_event_for_all_namespaces, what="events", on_event=self._event)
+        self.event_watch = Watcher(functools.partial(self.core.list_event_for_all_namespaces,
+                                                     field_selector="involvedObject.kind=Pod"),
+                                   what="events", on_event=self._event)
         self._started: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -42,6 +42,7 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _cluster: Any = None
     _settings: Any = None
     _status: str = ""  # what the start is doing now (pulling an image...), for a frontend
+    _deleted = False  # kill() asked for the pod's deletion; cleanup() need not ask again
 
     @property
     def has_process(self) -> bool:
@@ -155,6 +156,7 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def kill(self, restart: bool = False) -> None:
         await self._delete(grace=0)
+        self._deleted = True
 
     async def terminate(self, restart: bool = False) -> None:
         await self._delete(grace=None)
@@ -165,7 +167,9 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         unless restarting."""
         cluster = self._cluster
         if cluster is not None and self.namespace and self.pod_name:
-            await self._delete(grace=0)
+            if not self._deleted:  # kill() has asked already on a forced shutdown
+                await self._delete(grace=0)
+            self._deleted = False
             try:
                 await cluster.pods.wait_for(self.namespace, self.pod_name, lambda p: p is None, timeout=60)
             except asyncio.TimeoutError:
@@ -289,6 +293,9 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _delete(self, grace: int | None) -> None:
         if self._cluster is None or not self.pod_name or not self.namespace:
             return
+        pod = self._cluster.pods.get(self.namespace, self.pod_name)
+        if pod is not None and (pod.get("metadata") or {}).get("deletionTimestamp") and grace != 0:
+            return  # already on its way out
         kwargs = {} if grace is None else {"grace_period_seconds": grace}
         await self._ignore_missing(self._cluster.core.delete_namespaced_pod(self.pod_name, self.namespace, **kwargs))
 
