@@ -1,11 +1,16 @@
 """Kernels as pods: the mlops-kubernetes provisioner with the real kubernetes_asyncio client against
 the API emulator and kubelet stand-in of tests/k8s (a pod's command runs as a local process on a
-loopback address of its own, so the kernel really starts, executes, is interrupted and restarted)."""
+loopback address of its own, so the kernel really starts, executes, is interrupted and restarted).
+
+Live tier: with ``KUBECONFIG`` and ``MLOPS_K8S_TEST_IMAGE`` (an image with python, ipykernel and
+jupyter_mlops, a numeric non-root USER) set, the same tests run against that cluster; the ones that
+need the emulator's failure injection skip. docs/kubernetes.md says how to run it on kind or k3s."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +25,20 @@ from .k8s.kubelet import Node
 
 pytest.importorskip("kubernetes_asyncio")
 
+LIVE_IMAGE = os.environ.get("MLOPS_K8S_TEST_IMAGE") if os.environ.get("KUBECONFIG") else None
+
+
+def emulated(kubelet: Any) -> None:
+    """Skips the rest of a test on a live cluster: it needs the emulator's failure injection."""
+    if kubelet is None:
+        pytest.skip("needs the emulator's failure injection (live tier)")
+
 
 @pytest.fixture
 def k8s_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
     defs = tmp_path / "environments"
-    for name, image in (("demo", "registry.example/demo:1"), ("broken", "registry.example/nope:1")):
+    demo = LIVE_IMAGE or "registry.example/demo:1"
+    for name, image in (("demo", demo), ("broken", "registry.invalid/nope:1")):
         (defs / name).mkdir(parents=True)
         (defs / name / "environment.yml").write_text(f"channels: [conda-forge]\ndependencies: [python=3.11]\n"
                                                     f"image: {image}\n")
@@ -45,6 +59,19 @@ def cluster(k8s_config: Config) -> Any:
     """``cluster(body)``: runs ``await body(api, kubelet)`` with an emulated cluster, config pointed at it."""
 
     def run(body: Any, nodes: list | None = None) -> Any:
+        async def live() -> Any:
+            from jupyter_mlops.kernels.kernelspecs import sync_from_config
+
+            sync_from_config(k8s_config)
+            try:
+                return await body(None, None)
+            finally:
+                from jupyter_mlops.k8s import client as k8s_client
+
+                for key, c in list(k8s_client._CLUSTERS.items()):
+                    await c.close()
+                    k8s_client._CLUSTERS.pop(key, None)
+
         async def go() -> Any:
             async with running_cluster(nodes=nodes or [Node("cpu-1", cpu="4", memory="16Gi")]) as (client, api, kubelet):
                 k8s_config.Kubernetes.api_host = api.url
@@ -67,7 +94,7 @@ def cluster(k8s_config: Config) -> Any:
                         await c.close()
                         k8s_client._CLUSTERS.pop(key, None)
 
-        return asyncio.run(go())
+        return asyncio.run(live() if LIVE_IMAGE else go())
 
     return run
 
@@ -127,7 +154,8 @@ def test_a_kernel_runs_in_a_pod_is_interrupted_restarted_and_leaves_nothing(clus
 
 def test_pods_that_cannot_start_fail_at_once_with_the_reason(cluster: Any, k8s_config: Config) -> None:
     async def body(api: Any, kubelet: Any) -> None:
-        kubelet.image_fails("registry.example/nope:*")
+        emulated(kubelet)
+        kubelet.image_fails("registry.invalid/nope:*")
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(KernelStartError, match="ErrImagePull|ImagePullBackOff"):
@@ -144,6 +172,7 @@ def test_the_namespace_quota_is_enforced_with_the_apis_message(cluster: Any, k8s
     k8s_config.Kubernetes.role_quotas = {"*": {"cpu": "1", "memory": "4Gi", "pods": 4}}
 
     async def body(api: Any, kubelet: Any) -> None:
+        emulated(kubelet)  # a live cluster's quotas are its own
         first = await _start(k8s_config, mlops_user="carol")
         second = await _start(k8s_config, mlops_user="carol")
         try:
@@ -193,6 +222,7 @@ def test_the_shared_watch_resumes_after_disconnects_and_relists_after_410(cluste
         from jupyter_mlops.k8s.client import cluster_for
         from jupyter_mlops.k8s.settings import KubernetesSettings
 
+        emulated(kubelet)
         shared = await cluster_for(KubernetesSettings(config=k8s_config))
         km = await _start(k8s_config, mlops_user="erin")
         try:
@@ -289,6 +319,7 @@ def test_a_server_restart_re_adopts_kernel_pods_and_deletes_what_serves_no_one(c
 def test_a_slow_image_pull_is_reported_while_it_lasts(cluster: Any, k8s_config: Config,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     async def body(api: Any, kubelet: Any) -> None:
+        emulated(kubelet)
         kubelet.image_slow("registry.example/demo:*", 0.5)
         with caplog.at_level("INFO", logger="jupyter_mlops.k8s"):
             km = await _start(k8s_config, mlops_user="hal")
