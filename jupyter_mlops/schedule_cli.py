@@ -46,6 +46,14 @@ def add_schedule_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
         p.add_argument("schedule_id", metavar="ID")
         p.set_defaults(func=_cmd_change, action=action)
 
+    p = commands.add_parser("export", help="the schedules as Kubernetes CronJobs: print them as YAML, or --apply them")
+    p.add_argument("--kubernetes", action="store_true", required=True,
+                   help="as CronJobs (the only format so far); see c.Kubernetes.pipeline_image")
+    p.add_argument("--apply", action="store_true",
+                   help="create, replace and delete this project's CronJobs in the cluster instead of printing them")
+    p.add_argument("--user", help="whose namespace they go to (default: you)")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("scheduler", help="run the schedules that are due, until stopped (SIGTERM, Ctrl-C)")
     p.add_argument("--once", action="store_true",
                    help="one pass: start what is due, wait for those runs, then exit (for a system cron)")
@@ -111,6 +119,27 @@ def _cmd_change(args: argparse.Namespace) -> int:
     else:
         s = scheduler.resume(args.schedule_id)
         print(f"Resumed {s.id}; next run: {_when(s.next_fire, s.tz)}.")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .k8s import cronjobs
+
+    config = load_config()
+    schedules = _scheduler().schedules()
+    if args.apply:
+        done = cronjobs.apply_schedules(schedules, config, user=args.user)
+        for what in ("created", "replaced", "unchanged", "deleted"):
+            for name in getattr(done, what):
+                print(f"CronJob {name} {what}")
+        if not schedules and not done.deleted:
+            print("No schedules, and no CronJobs of this project's to delete.")
+        return 0
+    import yaml
+
+    print(yaml.safe_dump_all(cronjobs.cronjobs_for_schedules(schedules, config, user=args.user), sort_keys=False),
+          end="")
     return 0
 
 

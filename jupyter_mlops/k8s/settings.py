@@ -35,3 +35,11 @@ class KubernetesSettings(Configurable):
                             "counts; a failure is reported as soon as it is known, not at this limit).").tag(config=True)
     connect = Unicode("auto", help="How the server reaches kernel pods: pod-ip, port-forward, or auto "
                       "(pod IPs in the cluster, port-forward outside it).").tag(config=True)
+    pipeline_image = Unicode("", help="Image the CronJobs of schedules run `jupyter mlops pipeline run` in "
+                             "(`jupyter mlops schedule export --kubernetes`): one with jupyter_mlops installed and "
+                             "the project (pipeline.yaml, its notebooks, environments/) at pipeline_project_dir, "
+                             "copied in at build time (COPY . /project in its Dockerfile) or checked out by the "
+                             "image's entry point. Empty: export refuses, saying to set it.").tag(config=True)
+    pipeline_project_dir = Unicode("/project", help="Where the project is inside pipeline_image; a schedule's "
+                                   "pipeline file is found there by its path relative to the project root here."
+                                   ).tag(config=True)
