@@ -144,9 +144,12 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def wait(self) -> int | None:
         if self._cluster is None or self.pod_name is None:
             return 0
-        await self._cluster.pods.wait_for(
-            self.namespace, self.pod_name,
-            lambda p: p is None or ((p.get("status") or {}).get("phase") in ("Succeeded", "Failed")))
+        try:
+            await self._cluster.pods.wait_for(
+                self.namespace, self.pod_name,
+                lambda p: p is None or ((p.get("status") or {}).get("phase") in ("Succeeded", "Failed")), timeout=60)
+        except asyncio.TimeoutError:
+            log.warning("kernel pod %s/%s has not ended a minute after it was asked to", self.namespace, self.pod_name)
         return await self.poll()
 
     async def send_signal(self, signum: int) -> None:
