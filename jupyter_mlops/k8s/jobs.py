@@ -11,10 +11,11 @@ local executor (cache, retries, tracking, resume stay the runner's). For one att
   and prints the executed notebook, and the runs ``%mlops track`` recorded in the pod, back into
   its log, which this executor follows while the pod runs (cell progress included), so the output
   notebook lands at ``out`` on this machine with no volume shared with the cluster;
-* the pod is followed through the process's pod and event watches and one watch of step Jobs:
-  a pod that cannot start (Unschedulable, image pull errors, a quota that refuses it) fails the
-  attempt as soon as the cluster says why; a Job that fails says why in one line (DeadlineExceeded,
-  OOMKilled, the notebook's own error with its cell);
+* the pod is followed through the Cluster's pod and pod-event watches, plus watches of the step
+  Jobs and of their events in the user's namespace (no polling): a pod that cannot start
+  (Unschedulable, image pull errors, a quota that refuses it) fails the attempt as soon as the
+  cluster says why; a Job that fails says why in one line (DeadlineExceeded, OOMKilled, the
+  notebook's own error with its cell);
 * Ctrl-C (:meth:`JobExecutor.interrupt`) deletes the running Jobs; every Job is deleted once its
   outcome is read, and :meth:`JobExecutor.close` waits until they are gone.
 
@@ -91,7 +92,7 @@ class JobExecutor(StepExecutor):
         self._context: _Context | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._connected: asyncio.Future[Any] | None = None  # in the loop: the Cluster and the jobs watch
+        self._connected: asyncio.Future[Any] | None = None  # in the loop: the Cluster and the Job watches
         self._cluster: Any = None
         self._jobs: Any = None  # Watcher of step Jobs in the user's namespace
         self._job_events: Any = None  # ... and of the events about Jobs there (FailedCreate: a quota refused the pod)
