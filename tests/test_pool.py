@@ -87,5 +87,5 @@ def test_executors_are_found_by_entry_point_and_an_unknown_one_is_named(tmp_path
     executor = create_executor("local", base=tmp_path, kernel_name="python3", workers=1, cancel=threading.Event())
     assert isinstance(executor, LocalExecutor)
     executor.close()
-    with pytest.raises(MlopsError, match=r"no pipeline executor 'k8s' \(known: local\)"):
+    with pytest.raises(MlopsError, match=r"no pipeline executor 'k8s' \(known: kubernetes, local\)"):
         create_executor("k8s", base=tmp_path, kernel_name="python3", workers=1, cancel=threading.Event())
