@@ -41,6 +41,8 @@ from typing import Any, Callable, Mapping, TypeVar
 from ..errors import KubernetesError, MlopsError
 from ..pipelines.executor import Cancelled, StepExecutor, StepFailed
 from ..pipelines.spec import StepSpec
+from .namespaces import api_message as _api_message
+from .namespaces import ensure_namespace
 
 __all__ = ["JobExecutor", "ensure_namespace", "LABEL_STEP", "LABEL_PIPELINE_RUN", "DATA_NOT_SUPPORTED"]
 
@@ -518,67 +520,3 @@ def _failed_create(events: Any, plan: _Plan) -> str | None:
                 and involved.get("namespace") == plan.namespace and event.get("reason") == "FailedCreate":
             return " ".join(str(event.get("message") or "").split())[:300]
     return None
-
-
-def _api_message(e: Any, doing: str) -> str:
-    """One line from an ApiException: the API's own message (a quota says what and how much)."""
-    import json
-
-    message = getattr(e, "reason", "") or ""
-    try:
-        message = json.loads(e.body).get("message") or message
-    except (TypeError, ValueError, AttributeError):
-        pass
-    return f"{doing}: {e.status} {' '.join(str(message).split())[:300]}"
-
-
-async def ensure_namespace(core: Any, namespace: str, user: str, settings: Any) -> None:
-    """The user's namespace with their role's ResourceQuota and the LimitRange, made if missing.
-
-    (The kernel provisioner makes the same on a kernel's first start; whichever comes first.)
-    """
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    from . import manifests
-
-    try:
-        await core.read_namespace(namespace)
-        return
-    except ApiException as e:
-        if e.status != 404:
-            raise KubernetesError(_api_message(e, f"reading namespace {namespace}")) from e
-    quota = _quota_for(user, settings)
-    made = [(core.create_namespace, manifests.namespace(namespace, user))]
-    if quota:
-        made.append((functools.partial(core.create_namespaced_resource_quota, namespace),
-                     manifests.resource_quota(namespace, quota)))
-    made.append((functools.partial(core.create_namespaced_limit_range, namespace),
-                 manifests.limit_range(namespace, settings.default_cpu, settings.default_memory)))
-    for create, body in made:
-        try:
-            await create(body)
-        except ApiException as e:
-            if e.status != 409:
-                raise KubernetesError(_api_message(e, f"creating {body['kind']} {namespace}")) from e
-
-
-def _quota_for(user: str, settings: Any) -> dict[str, Any] | None:
-    """The most generous quota of the user's roles, field by field (as the kernel provisioner does)."""
-    from ..kernels.profiles import KernelProfiles, parse_memory
-
-    quotas = settings.role_quotas
-    roles = KernelProfiles(config=settings.config).roles(user)
-    found = [quotas[r] for r in sorted(roles) if r in quotas] or ([quotas["*"]] if "*" in quotas else [])
-    if not found:
-        return None
-    merged: dict[str, Any] = {}
-    for quota in found:
-        for key, value in quota.items():
-            if key not in merged or key == "gpu_resource":
-                merged[key] = value
-            else:
-                try:
-                    merged[key] = max(merged[key], value, key=lambda v: parse_memory(v, "quota"))
-                except Exception:
-                    merged[key] = max(merged[key], value)
-    return merged

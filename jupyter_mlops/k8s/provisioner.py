@@ -24,8 +24,9 @@ from typing import Any
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Unicode
 
-from ..errors import KernelStartError, KubernetesError
+from ..errors import KernelStartError
 from ..kernels.registry import KERNELS, KernelRecord
+from .namespaces import api_error, ensure_namespace
 
 __all__ = ["MlopsKubernetesProvisioner"]
 
@@ -85,7 +86,8 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
         plan = self._plan
         cluster = self._cluster = await cluster_for(self._settings)
-        await self._ensure_namespace(plan["user"])
+        await ensure_namespace(cluster.core, self.namespace, plan["user"], self._settings,
+                               quota=not plan["pool"])
         key = self.parent.session.key.decode() if self.parent is not None else ""
         self.pod_name = object_name("kernel", self.kernel_id)
         self.secret_name = object_name("kernel", self.kernel_id, "key")
@@ -242,42 +244,6 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         assert pod is not None
         return pod
 
-    async def _ensure_namespace(self, user: str) -> None:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        from . import manifests
-
-        core = self._cluster.core
-        try:
-            await core.read_namespace(self.namespace)
-            return
-        except ApiException as e:
-            if e.status != 404:
-                raise _api_error(e, f"reading namespace {self.namespace}") from e
-        await self._create(lambda body: core.create_namespace(body), manifests.namespace(self.namespace, user),
-                           exists_ok=True)
-        quota = None if self._plan.get("pool") else self._quota_for(user)  # a pool is bounded by its size
-        if quota:
-            await self._create(core.create_namespaced_resource_quota,
-                               manifests.resource_quota(self.namespace, quota), exists_ok=True)
-        await self._create(core.create_namespaced_limit_range,
-                           manifests.limit_range(self.namespace, self._settings.default_cpu,
-                                                 self._settings.default_memory), exists_ok=True)
-
-    def _quota_for(self, user: str) -> dict[str, Any] | None:
-        from ..kernels.profiles import KernelProfiles
-
-        quotas = self._settings.role_quotas
-        roles = KernelProfiles(config=self._settings.config).roles(user)
-        found = [quotas[r] for r in roles if r in quotas] or ([quotas["*"]] if "*" in quotas else [])
-        if not found:
-            return None
-        merged: dict[str, Any] = {}
-        for quota in found:  # the most generous of the user's roles, field by field
-            for key, value in quota.items():
-                merged[key] = value if key not in merged or key == "gpu_resource" else _more(merged[key], value)
-        return merged
-
     async def _create(self, create: Any, body: dict[str, Any], *, exists_ok: bool = False,
                       replace: bool = False) -> None:
         from kubernetes_asyncio.client.exceptions import ApiException
@@ -291,7 +257,7 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except ApiException as e:
             if e.status == 409 and (exists_ok or replace):
                 return
-            raise _api_error(e, f"creating {what}") from e
+            raise api_error(e, f"creating {what}") from e
 
     async def _delete(self, grace: int | None) -> None:
         if self._cluster is None or not self.pod_name or not self.namespace:
@@ -310,31 +276,7 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await call
         except ApiException as e:
             if e.status != 404:
-                raise _api_error(e, "deleting") from e
-
-
-def _api_error(e: Any, doing: str) -> KubernetesError:
-    """One line from an ApiException: the API's own message (quota exceeded says what and how much)."""
-    import json
-
-    message = getattr(e, "reason", "") or ""
-    try:
-        message = json.loads(e.body).get("message") or message
-    except (TypeError, ValueError, AttributeError):
-        pass
-    if e.status == 403 and "exceeded quota" in message:
-        return KubernetesError(f"{doing}: the namespace's quota is used up ({message}); shut down a kernel or "
-                               "ask for a smaller profile")
-    return KubernetesError(f"{doing}: {e.status} {' '.join(str(message).split())[:300]}")
-
-
-def _more(a: Any, b: Any) -> Any:
-    from ..kernels.profiles import parse_memory
-
-    try:
-        return a if parse_memory(a, "quota") >= parse_memory(b, "quota") else b
-    except Exception:
-        return max(a, b)
+                raise api_error(e, "deleting") from e
 
 
 def _image_of(environment: str | None, config: Any) -> str:
