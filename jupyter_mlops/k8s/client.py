@@ -80,7 +80,11 @@ async def cluster_for(settings: KubernetesSettings) -> Cluster:
 
 
 async def _api_client(settings: KubernetesSettings) -> Any:
-    from kubernetes_asyncio import client, config
+    try:
+        from kubernetes_asyncio import client, config
+    except ImportError as e:
+        raise KubernetesError("the Kubernetes backends need kubernetes_asyncio: pip install "
+                              "'jupyter_mlops[kubernetes]'") from e
 
     configuration = client.Configuration()
     if settings.api_host:
