@@ -104,6 +104,21 @@ def test_refused_records_are_kept_aside_not_dropped_and_do_not_block(mlops_proje
     assert rejected[("m", "broken")] == "malformed record"
 
 
+def test_an_artifact_record_outside_the_runs_files_is_set_aside(mlops_project: Project, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the tracking server\n")
+    run = start(mlops_project, experiment="escape")
+    # a crafted spool (e.g. one handed back by a pod) naming a file outside the run's folder
+    for src in (str(secret), "../../../../" + str(secret).lstrip("/")):
+        os.write(run._fd, f"a\t{json.dumps({'src': src, 'path': None})}\n".encode())
+    run.end(log_notebook=False)
+    sync(mlops_project.spool)
+    found = find_run(mlops_project, "escape")
+    assert found.data.tags["mlops.rejected_records"] == "2"
+    artifacts = mlops_project.client().list_artifacts(found.info.run_id)
+    assert "secret.txt" not in {a.path for a in artifacts}
+
+
 def test_a_run_whose_writer_died_is_closed_as_killed(mlops_project: Project) -> None:
     code = (
         "import os, signal\n"

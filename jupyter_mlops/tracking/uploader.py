@@ -237,7 +237,10 @@ class Uploader:
         try:
             if record.kind == "a":
                 spec = json.loads(record.fields[0])
-                src = run_dir / FILES / spec["src"]
+                files = (run_dir / FILES).resolve()
+                src = (files / spec["src"]).resolve()
+                if not src.is_relative_to(files):  # a crafted spool must not upload other files
+                    raise ValueError(f"artifact {spec['src']!r} is outside the run's spooled files")
                 if not src.exists():
                     raise ValueError(f"artifact snapshot {spec['src']} is missing from the spool")
                 gateway.log_artifact(run_id, src, spec.get("path"))
