@@ -125,6 +125,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
         print(f"removed {prefix}")
     if not removed:
         print(f"{args.name}: nothing installed")
+        return 0  # nothing changed: the kernel specs stay as they are
     _sync_kernelspecs()
     return 0
 

@@ -136,6 +136,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if not schedules and not done.deleted:
             print("No schedules, and no CronJobs of this project's to delete.")
         return 0
+    if not schedules:  # on stderr: stdout stays a (here empty) YAML stream for kubectl apply -f -
+        print("No schedules to export; add one with `jupyter mlops schedule add PIPELINE.yaml`.", file=sys.stderr)
+        return 0
     import yaml
 
     print(yaml.safe_dump_all(cronjobs.cronjobs_for_schedules(schedules, config, user=args.user), sort_keys=False),
