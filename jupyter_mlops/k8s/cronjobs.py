@@ -74,11 +74,11 @@ def cronjob_for_schedule(schedule: Any, pipeline_path: str, settings: Any, *, na
         name=schedule.id, namespace=namespace, image=settings.pipeline_image, command=command, env=pod_env,
         profile=profile, labels={manifests.COMPONENT: "pipeline", LABEL_SCHEDULE: label_value(schedule.id),
                                  LABEL_SOURCE: source},
-        backoff_limit=0, service_account=settings.service_account or None)
-    # the CronJob's history limits keep the latest Jobs; the TTL removes, at the latest, the Jobs still
-    # running when their schedule was deleted, which no CronJob owns any more
-    job["spec"]["ttlSecondsAfterFinished"] = HISTORY_TTL
-    job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = settings.image_pull_policy
+        backoff_limit=0, service_account=settings.service_account or None,
+        image_pull_policy=settings.image_pull_policy,
+        # the CronJob's history limits keep the latest Jobs; the TTL removes, at the latest, the Jobs
+        # still running when their schedule was deleted, which no CronJob owns any more
+        ttl_seconds_after_finished=HISTORY_TTL)
     cron = manifests.schedule_cronjob(
         name=schedule.id, namespace=namespace, schedule=schedule.cron, time_zone=schedule.tz, job=job,
         concurrency_policy="Forbid", starting_deadline_seconds=starting_deadline(schedule),

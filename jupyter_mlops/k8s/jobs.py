@@ -210,9 +210,8 @@ class JobExecutor(StepExecutor):
             job = manifests.step_job(
                 name=name, namespace=ctx.namespace, image=image, command=COMMAND, env=pod_env, profile=profile,
                 labels=labels, backoff_limit=0, service_account=ctx.settings.service_account or None,
-                active_deadline_seconds=max(1, math.ceil(step.timeout)) if step.timeout else None)
-            job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = ctx.settings.image_pull_policy
-            manifests.check(job)
+                active_deadline_seconds=max(1, math.ceil(step.timeout)) if step.timeout else None,
+                image_pull_policy=ctx.settings.image_pull_policy)
         except MlopsError as e:
             raise StepFailed(f"the step's Job cannot be made: {e}") from e
         spool = env.get("MLOPS_SPOOL_DIR")

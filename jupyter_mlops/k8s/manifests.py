@@ -170,7 +170,7 @@ def kernel_pod(*, name: str, namespace: str, kernel_id: str, user: str, image: s
 def step_job(*, name: str, namespace: str, image: str, command: list[str], env: Mapping[str, str],
              profile: Profile, labels: Mapping[str, str], backoff_limit: int = 0,
              active_deadline_seconds: int | None = None, ttl_seconds_after_finished: int = 3600,
-             service_account: str | None = None) -> dict[str, Any]:
+             service_account: str | None = None, image_pull_policy: str = "IfNotPresent") -> dict[str, Any]:
     """A pipeline step as a Job: one pod, never restarted in place (``backoff_limit`` new pods at most).
 
     ``labels`` must already be valid (:func:`~.names.label_value` the values); they go on the Job and
@@ -181,7 +181,8 @@ def step_job(*, name: str, namespace: str, image: str, command: list[str], env: 
         "backoffLimit": backoff_limit,
         "ttlSecondsAfterFinished": ttl_seconds_after_finished,
         "template": {"metadata": {"labels": dict(all_labels)},
-                     "spec": _pod_spec("step", image, command, _env(env), profile, service_account, "IfNotPresent")},
+                     "spec": _pod_spec("step", image, command, _env(env), profile, service_account,
+                                       image_pull_policy)},
     }
     if active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = active_deadline_seconds
