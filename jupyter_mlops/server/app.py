@@ -3,7 +3,8 @@
 Enabled on install (``jupyter-config/jupyter_server_config.d/jupyter_mlops.json``). At start it
 writes the kernel specs of the installed environments x profiles, checks the profiles (a broken
 profile stops the server with the reason, not the first kernel start), starts the warm pools and
-turns Nagle's delay off on kernel websockets.
+the culler of kernels whose GPUs sit idle (:mod:`.gpu_culler`, off by default), and turns Nagle's
+delay off on kernel websockets.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from jupyter_server.extension.application import ExtensionApp
 from ..config import load_config
 from ..kernels.kernelspecs import sync_from_config
 from ..kernels.profiles import KernelProfiles
+from .gpu_culler import GpuCuller
 from .handlers import HANDLERS
 from .pools import WarmPools
 from .service import KernelService
@@ -28,6 +30,7 @@ class MlopsExtensionApp(ExtensionApp):
     load_other_extensions = True
 
     service: KernelService | None = None
+    gpu_culler: GpuCuller | None = None
 
     def initialize_settings(self) -> None:
         settings = load_config(self.serverapp.config)
@@ -39,6 +42,8 @@ class MlopsExtensionApp(ExtensionApp):
         pools = WarmPools(self.serverapp.kernel_manager, config=settings.config, log=self.log)
         self.service = KernelService(self.serverapp.kernel_manager, settings, pools)
         self.settings["mlops_service"] = self.service
+        self.gpu_culler = GpuCuller(self.serverapp.kernel_manager, config=settings.config, log=self.log)
+        self.settings["mlops_gpu_culler"] = self.gpu_culler
         self._use_nodelay_websockets()
 
     def _use_nodelay_websockets(self) -> None:
@@ -70,7 +75,11 @@ class MlopsExtensionApp(ExtensionApp):
             except Exception as e:  # the cluster is down: kernels started later say so themselves
                 self.log.warning("mlops: kernel pods not re-adopted: %s", e)
         self.service.pools.start()
+        if self.gpu_culler is not None:
+            self.gpu_culler.start()
 
     async def stop_extension(self) -> None:
+        if self.gpu_culler is not None:
+            await self.gpu_culler.stop()
         if self.service is not None:
             await self.service.pools.stop()
