@@ -216,9 +216,12 @@ def mlops_small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def mlops_postgres_uri() -> Iterator[str]:
-    """A fresh database of this test's own, dropped afterwards."""
+def mlops_postgres_uri(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database of this test's own, dropped afterwards. MLflow's SQL stores in this process
+    keep no pooled connections (NullPool): the drop terminates the database's connections, and a
+    pooled one would be garbage-collected later, in some other test, as an unraisable error."""
     psycopg = pytest.importorskip("psycopg")
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
     try:
         admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
     except psycopg.OperationalError as e:

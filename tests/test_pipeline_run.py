@@ -256,7 +256,9 @@ def test_ctrl_c_cancels_cleanly_and_leaves_no_kernel(demo: Project) -> None:
     import psutil
 
     make_notebook(demo.root / "use.ipynb", ["import time\ntime.sleep(300)"], "k = 1")
-    proc = subprocess.Popen([sys.executable, "-m", "jupyter_mlops", "pipeline", "run", "pipeline.yaml", "--no-progress"],
+    # -X faulthandler: should the run hang after Ctrl-C, SIGABRT below prints where every thread is
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "jupyter_mlops", "pipeline", "run",
+                             "pipeline.yaml", "--no-progress"],
                             cwd=demo.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     store = open_store(demo.config().resolved_pipeline_state_url)
     deadline = time.monotonic() + 120
@@ -271,7 +273,11 @@ def test_ctrl_c_cancels_cleanly_and_leaves_no_kernel(demo: Project) -> None:
     else:
         pytest.fail("the two steps never ran")
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail(f"the run did not end 120 s after Ctrl-C; its threads:\n{proc.communicate()[0][-6000:]}")
     assert proc.returncode == 130, out
     assert "cancelled" in out
     gone, alive = psutil.wait_procs(kernels, timeout=10)
