@@ -310,6 +310,10 @@ class KubernetesError(MlopsError):
     line with the API's own message."""
 
 
+class QuotaExceededError(KubernetesError):
+    """The user's namespace has no room left under its ResourceQuota for what was asked."""
+
+
 class ManifestError(ConfigError):
     """A Kubernetes manifest the product built that the cluster would refuse (a quantity that does not
     parse, an unknown enum, a cron schedule, a name); ``field`` is the path in the manifest."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from ..errors import KubernetesError
+from ..errors import KubernetesError, QuotaExceededError
 
 __all__ = ["api_message", "api_error", "ensure_namespace", "quota_for"]
 
@@ -78,6 +78,6 @@ def api_error(e: Any, doing: str) -> KubernetesError:
     """:func:`api_message` as an error; a quota refusal says what to do about it."""
     message = api_message(e, doing)
     if getattr(e, "status", None) == 403 and "exceeded quota" in message:
-        return KubernetesError(f"{doing}: the namespace's quota is used up ({message.split(': ', 1)[-1]}); "
+        return QuotaExceededError(f"{doing}: the namespace's quota is used up ({message.split(': ', 1)[-1]}); "
                                "shut down a kernel or ask for a smaller profile")
     return KubernetesError(message)

@@ -20,9 +20,11 @@ from ..errors import (
     ConfigError,
     GpuUnavailableError,
     KernelStartError,
+    KubernetesError,
     LimitExceededError,
     MlopsError,
     NotAllowedError,
+    QuotaExceededError,
 )
 from .service import KernelService, NotFound
 
@@ -31,9 +33,11 @@ __all__ = ["HANDLERS", "API"]
 API = "/mlops/api"
 AUTH_RESOURCE = "mlops"
 
-#: error -> HTTP status; the first match wins (subclasses before their bases)
-STATUS = ((NotFound, 404), (NotAllowedError, 403), (LimitExceededError, 429), (GpuUnavailableError, 409),
-          (KernelStartError, 400), (ConfigError, 400), (MlopsError, 400))
+#: error -> HTTP status; the first match wins (subclasses before their bases). The cluster refusing
+#: or failing a request other than for quota is the upstream's failure: 502.
+STATUS = ((NotFound, 404), (NotAllowedError, 403), (LimitExceededError, 429), (QuotaExceededError, 429),
+          (GpuUnavailableError, 409), (KubernetesError, 502), (KernelStartError, 400), (ConfigError, 400),
+          (MlopsError, 400))
 
 
 class MlopsHandler(ExtensionHandlerMixin, APIHandler):
