@@ -4,15 +4,12 @@ real environment prefix, GPUs from the static inventory (the product's seam wher
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tornado.httpclient
-from jupyter_server.auth.identity import IdentityProvider, User
 from traitlets.config import Config
 
 # pytest-jupyter's fixtures, for this module only (its autouse loop fixture would touch every test)
@@ -22,22 +19,9 @@ from pytest_jupyter.pytest_tornasync import *  # noqa: F403
 
 from jupyter_mlops.kernels.registry import KERNELS
 
-from .openapi import check_response
+from .server_helpers import HeaderUsers, execute, rest_caller
 
 GPUS = [{"name": "Test GPU A", "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000001"}]
-USERS = ("alice", "bob", "carol")
-
-
-class HeaderUsers(IdentityProvider):
-    """The server's token authenticates the request (as for any API client); who is asking comes from
-    a header, so the tests speak as alice, bob or carol."""
-
-    async def get_user(self, handler: Any) -> User | None:
-        user = super().get_user(handler)
-        if inspect.isawaitable(user):
-            user = await user
-        name = handler.request.headers.get("X-Test-User")
-        return User(username=name) if user is not None and name in USERS else None
 
 
 @pytest.fixture
@@ -72,22 +56,7 @@ def api(mlops_env_vars: None, jp_serverapp: Any, jp_fetch: Any, jp_asyncio_loop:
     # pytest-jupyter's loop is the current one only if no earlier test left the main thread without
     # one (asyncio.run and the pipelines' per-thread loop cleanup both set it to None)
     asyncio.set_event_loop(jp_asyncio_loop)
-
-    def call(user: str, method: str, *path: str, body: Any = None) -> tuple[int, Any]:
-        kw: dict[str, Any] = {"method": method, "headers": {"X-Test-User": user}}
-        if body is not None:
-            kw["body"] = json.dumps(body)
-        try:
-            response = jp_asyncio_loop.run_until_complete(jp_fetch("mlops", "api", *path, **kw))
-        except tornado.httpclient.HTTPClientError as e:
-            response = e.response
-        text = response.body.decode() if response.body else ""
-        body = json.loads(text) if text else None
-        if response.code != 403 or user in USERS:  # jupyter_server's own refusal is not ours to describe
-            check_response("/mlops/api/" + "/".join(path), method, response.code, body)
-        return response.code, body
-
-    yield call
+    yield rest_caller(jp_fetch, jp_asyncio_loop)
     for kernel_id in list(jp_serverapp.kernel_manager.list_kernel_ids()):
         jp_asyncio_loop.run_until_complete(jp_serverapp.kernel_manager.shutdown_kernel(kernel_id, now=True))
 
@@ -128,7 +97,7 @@ def test_a_pooled_kernel_is_claimed_once_and_works_through_the_server(api: Any, 
     # the next claim for the same pool gets another kernel (a new one is on its way)
     status, second = api("bob", "POST", "kernels", body={"environment": "demo", "profile": "small"})
     assert status == 201 and second["id"] != kernel["id"]
-    out = jp_asyncio_loop.run_until_complete(_execute(jp_ws_fetch, kernel["id"],
+    out = jp_asyncio_loop.run_until_complete(execute(jp_ws_fetch, kernel["id"],
                                                       "import mlops_demo, os; print(mlops_demo.VERSION, os.getcwd())"))
     assert out.split()[0] == "1.0" and out.split()[1].endswith("/sub")
     # an adopted kernel is a server kernel like any other: listed, restarted through the standard API
@@ -136,7 +105,7 @@ def test_a_pooled_kernel_is_claimed_once_and_works_through_the_server(api: Any, 
         jp_fetch("api", "kernels", headers={"X-Test-User": "bob"})).body)}
     jp_asyncio_loop.run_until_complete(jp_fetch("api", "kernels", kernel["id"], "restart", method="POST", body="",
                                                 headers={"X-Test-User": "bob"}))
-    out = jp_asyncio_loop.run_until_complete(_execute(jp_ws_fetch, kernel["id"], "import mlops_demo; print(mlops_demo.VERSION)"))
+    out = jp_asyncio_loop.run_until_complete(execute(jp_ws_fetch, kernel["id"], "import mlops_demo; print(mlops_demo.VERSION)"))
     assert out.strip() == "1.0" and api("bob", "GET", "kernels", kernel["id"])[1]["user"] == "bob"
     assert {k["id"] for k in api("bob", "GET", "kernels")[1]["kernels"]} == {kernel["id"], second["id"]}
     assert api("alice", "GET", "kernels")[1]["kernels"] == []  # a user sees only their own
@@ -166,26 +135,3 @@ def test_gpu_kernels_hold_their_gpu_and_errors_say_why(api: Any, jp_serverapp: A
     assert api("alice", "DELETE", "kernels", kernel["id"])[0] == 204
     assert api("bob", "GET", "gpus")[1]["holders"] == []
     assert not [r for r in KERNELS.all() if r.kernel_id == kernel["id"]]
-
-
-async def _execute(ws_fetch: Any, kernel_id: str, code: str) -> str:
-    from jupyter_client.session import Session
-
-    ws = await ws_fetch("api", "kernels", kernel_id, "channels", headers={"X-Test-User": "bob"})
-    session = Session()
-    msg = session.msg("execute_request", {"code": code, "silent": False, "store_history": False,
-                                          "user_expressions": {}, "allow_stdin": False})
-    msg["channel"] = "shell"
-    await ws.write_message(json.dumps(msg, default=str))
-    out = []
-    try:
-        while True:
-            reply = json.loads(await ws.read_message())
-            if reply["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
-                continue
-            if reply["msg_type"] == "stream":
-                out.append(reply["content"]["text"])
-            if reply["msg_type"] == "status" and reply["content"]["execution_state"] == "idle":
-                return "".join(out)
-    finally:
-        ws.close()
