@@ -277,18 +277,18 @@ def _papermill(src: Path, out: Path, parameters: dict[str, Any], kernel: str) ->
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from ..pipelines.notebook import _register_engine, _source_cell
+    from ..pipelines.notebook import register_engine, source_cell
 
     def cell(n: int, m: int) -> None:
         _emit([PREFIX + f"cell {n} {m}".encode()])
 
-    _register_engine()  # papermill on a kernel of this image, with cell progress and sparse saves
+    register_engine()  # papermill on a kernel of this image, with cell progress and sparse saves
     try:
         papermill.execute_notebook(str(src), str(out), parameters=parameters, kernel_name=kernel, language="python",
                                    progress_bar=False, log_output=False, engine_name="mlops", cwd=str(src.parent),
                                    mlops_setup=None, mlops_on_cell=cell)
     except PapermillExecutionError as e:
-        return 1, f"cell {_source_cell(out, e.cell_index) + 1} raised {e.ename}: {e.evalue}"
+        return 1, f"cell {source_cell(out, e.cell_index) + 1} raised {e.ename}: {e.evalue}"
     except Exception as e:  # the kernel died or could not start, papermill refused the notebook...
         return 2, f"{type(e).__name__}: {e}"
     return 0, None

@@ -20,7 +20,7 @@ from ..errors import MlopsError, NotebookFailed
 from ..tracking import flusher
 from ..tracking.ledger import SpooledRun, spooled_runs
 
-__all__ = ["NotebookResult", "NotebookFailed", "run_notebook", "execute_on_kernel"]
+__all__ = ["NotebookResult", "NotebookFailed", "run_notebook", "execute_on_kernel", "register_engine", "source_cell"]
 
 
 @dataclass
@@ -159,7 +159,7 @@ def wait_for_runs(
 _engine_registered = False
 
 
-def _register_engine() -> None:
+def register_engine() -> None:
     """papermill engine ``mlops``: nbclient on a kernel we started, with a setup snippet and hooks."""
     global _engine_registered
     if _engine_registered:
@@ -268,7 +268,7 @@ def execute_on_kernel(
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    _register_engine()
+    register_engine()
     try:
         papermill.execute_notebook(
             str(src), str(out), parameters=dict(parameters), kernel_name=kernel_name, language="python",
@@ -276,13 +276,13 @@ def execute_on_kernel(
             mlops_setup=setup, mlops_on_cell=on_cell,
         )
     except PapermillExecutionError as e:
-        return NotebookFailed(src, out, _source_cell(out, e.cell_index) + 1, f"{e.ename}: {e.evalue}")
+        return NotebookFailed(src, out, source_cell(out, e.cell_index) + 1, f"{e.ename}: {e.evalue}")
     finally:
         _close_thread_loop()
     return None
 
 
-def _source_cell(out: Path, index: int) -> int:
+def source_cell(out: Path, index: int) -> int:
     """The failing cell's index in the author's notebook. papermill's output notebook also holds
     the cell it injected with the parameters and the error banners it adds: skip those."""
     try:
