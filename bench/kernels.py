@@ -28,7 +28,7 @@ Measures (issue 5, "Environments and kernels"), interleaved, medians:
    (POST, websocket open, to the kernel, exec, delivery; see bench/README.md).
 
 No conda channel is reachable here, so the benchmark builds one with py-rattler-build in its
-temporary folder (as tests/channels.py does): a stand-in ``python`` whose ``bin/python`` is a
+temporary folder with tests/channels.py: a stand-in ``python`` whose ``bin/python`` is a
 shell script running this interpreter (which has ipykernel) with the prefix's site-packages
 first on the path, ``mlops-demo`` (a noarch: python module), ``mlops-act`` (an activation script)
 and N ``mlops-pad-NN`` (noarch: generic, a few small files each). ``MLOPS_ENVIRONMENTS_DIR``,
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -56,6 +55,10 @@ from typing import Any
 warnings.filterwarnings("ignore")
 
 from _common import Logger, fmt, goal_met, interleave, median, quick_mode, scratch, stdout_to_stderr, ratio  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # tests.channels: the channel the tests build, with pads
+    sys.path.insert(1, str(ROOT))
 
 log = Logger("kernels")
 
@@ -73,11 +76,6 @@ KERNEL = "mlops-demo-default"  # written by sync_from_config: environment demo x
 ANCHOR_KERNEL = "python3"
 CODE = "1+1"
 
-SHIM = """#!/bin/sh
-prefix=$(cd "$(dirname "$0")/.." && pwd)
-PYTHONPATH="$prefix/lib/python{pyver}/site-packages${{PYTHONPATH:+:$PYTHONPATH}}" exec {python} "$@"
-"""
-
 # the kernel's own view, checked once per kind of kernel (untimed): it runs in the prefix
 CHECK = ("import os, sys, mlops_demo\n"
          "value = [os.environ.get('CONDA_PREFIX', ''), os.environ.get('MLOPS_ACT', ''), mlops_demo.VERSION]")
@@ -86,43 +84,13 @@ CHECK = ("import os, sys, mlops_demo\n"
 # -- the channel and the environments -------------------------------------------------------------------
 
 
-def package(channel: Path, stage: Path, name: str, version: str, subdir: str, files: dict[str, str],
-            **kw: Any) -> None:
-    """One conda package of ``files`` into ``channel/subdir`` (py-rattler-build, no recipe)."""
-    import rattler_build
-
-    folder = stage / f"{name}-{version}"
-    for rel, text in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(text)
-        if rel.startswith("bin/"):
-            (folder / rel).chmod(0o755)
-    (channel / subdir).mkdir(parents=True, exist_ok=True)
-    rattler_build.assemble_package(name=name, version=version, target_platform=subdir,
-                                   build_string=kw.pop("build", "0"), output_dir=str(channel / subdir),
-                                   files_dir=str(folder), compression_level=1, **kw)
-
-
 def build_channel(root: Path, pads: int) -> Path:
-    """The channel described in the module's docstring, indexed, under ``root/channel``."""
-    import rattler
+    """tests/channels.py's channel (a stand-in python, mlops-demo, mlops-act) plus ``pads`` small
+    packages, built fast; its stage folder removed."""
+    from tests.channels import build_channel as build
 
-    channel, stage = root / "channel", root / "stage"
-    v = sys.version_info
-    package(channel, stage, "python", f"{v.major}.{v.minor}.{v.micro}", "linux-64",
-            {"bin/python": SHIM.format(pyver=f"{v.major}.{v.minor}", python=sys.executable)}, build="h0_0")
-    package(channel, stage, "mlops-demo", "1.0", "noarch", {"site-packages/mlops_demo.py": "VERSION = '1.0'\n"},
-            noarch="python", depends=["python >=3.8"], build="pyh0_0")
-    package(channel, stage, "mlops-act", "1.0", "noarch",
-            {"etc/conda/activate.d/mlops-act.sh": "export MLOPS_ACT=on\n"}, noarch="generic")
-    for i in range(pads):
-        # a few files of a few KiB, like a small data or script package
-        files = {f"share/mlops-pad-{i:02d}/part{j}.txt": (f"pad {i} part {j}\n" * 200) for j in range(8)}
-        package(channel, stage, f"mlops-pad-{i:02d}", "1.0", "noarch", files, noarch="generic")
-    done = rattler.index.index_fs(channel, force=True)
-    if inspect.isawaitable(done):
-        asyncio.run(done)
-    shutil.rmtree(stage, ignore_errors=True)
+    channel = build(root, pads, compression_level=1)
+    shutil.rmtree(root / "stage", ignore_errors=True)
     return channel
 
 
@@ -186,7 +154,7 @@ class Bench:
         t0 = time.perf_counter()
         channel = build_channel(self.tmp, self.p["pads"])
         built = time.perf_counter() - t0
-        deps = ["python", "mlops-demo", "mlops-act", *(f"mlops-pad-{i:02d}" for i in range(self.p["pads"]))]
+        deps = ["python", "mlops-demo=1.0", "mlops-act", *(f"mlops-pad-{i:02d}" for i in range(self.p["pads"]))]
         defs = Path(os.environ["MLOPS_ENVIRONMENTS_DIR"])
         t0 = time.perf_counter()
         self.specs = {}

@@ -8,6 +8,8 @@ The channel holds:
   the prefix is real: the prefix itself, its activation, its variables, its packages.
 * ``mlops-demo`` 1.0 and 2.0: a ``noarch: python`` module that says its version.
 * ``mlops-act``: a ``noarch: generic`` package whose activation script exports ``MLOPS_ACT=on``.
+* ``mlops-pad-NN`` (``pads`` of them, none by default): a few files of a few KiB each, like a small
+  data or script package, for benchmarks that want an environment of some size (bench/kernels.py).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def package(channel: Path, stage: Path, name: str, version: str, subdir: str, fi
                                    output_dir=str(channel / subdir), files_dir=str(folder), **kw)
 
 
-def build_channel(root: Path) -> Path:
-    """The channel described above, indexed, under ``root/channel``."""
+def build_channel(root: Path, pads: int = 0, **kw: object) -> Path:
+    """The channel described above, indexed, under ``root/channel``; ``kw`` go to every package
+    (``compression_level=1`` where building fast matters more than size)."""
     pytest.importorskip("rattler_build")
     rattler = pytest.importorskip("rattler")
     from jupyter_mlops.environments.spec import current_platform
@@ -50,13 +53,16 @@ def build_channel(root: Path) -> Path:
         pytest.skip("the channel's stand-in python is built for linux-64")
     channel, stage = root / "channel", root / "stage"
     package(channel, stage, "python", "3.11.7", "linux-64", {"bin/python": SHIM.format(python=sys.executable)},
-            build="h0_0")
+            build="h0_0", **kw)
     for version in ("1.0", "2.0"):
         package(channel, stage, "mlops-demo", version, "noarch",
                 {"site-packages/mlops_demo.py": f"VERSION = '{version}'\n"}, noarch="python",
-                depends=["python >=3.8"], build="pyh0_0")
+                depends=["python >=3.8"], build="pyh0_0", **kw)
     package(channel, stage, "mlops-act", "1.0", "noarch", {"etc/conda/activate.d/mlops-act.sh": "export MLOPS_ACT=on\n"},
-            noarch="generic")
+            noarch="generic", **kw)
+    for i in range(pads):
+        files = {f"share/mlops-pad-{i:02d}/part{j}.txt": (f"pad {i} part {j}\n" * 200) for j in range(8)}
+        package(channel, stage, f"mlops-pad-{i:02d}", "1.0", "noarch", files, noarch="generic", **kw)
     done = rattler.index.index_fs(channel, force=True)
     if inspect.isawaitable(done):
         asyncio.run(done)
