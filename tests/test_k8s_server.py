@@ -112,6 +112,14 @@ def test_the_rest_api_runs_kernels_as_pods(api: Any, jp_serverapp: Any, jp_async
     assert started["id"] not in jp_serverapp.kernel_manager.list_kernel_ids()
     assert not [n for n, labels in _pods(jp_asyncio_loop, client).items()
                 if labels.get("mlops.jupyter.org/kernel-id") == started["id"]], "the pod outlived its kernel"
+    # jupyter_server's idle culler (its own code, called as its timer would) culls a kernel pod,
+    # here the one adopted from the pool, and its pod goes with it
+    mkm = jp_serverapp.kernel_manager
+    mkm.cull_idle_timeout = 0  # idle for any time at all
+    jp_asyncio_loop.run_until_complete(mkm.cull_kernel_if_idle(pooled["id"]))
+    assert pooled["id"] not in mkm.list_kernel_ids() and api("bob", "GET", "kernels")[1]["kernels"] == []
+    assert not [n for n, labels in _pods(jp_asyncio_loop, client).items()
+                if labels.get("mlops.jupyter.org/kernel-id") == pooled["id"]], "a culled kernel's pod stayed"
 
 
 def test_cluster_refusals_come_back_as_statuses_with_the_reason(api: Any, jp_serverapp: Any, jp_asyncio_loop: Any,
