@@ -241,15 +241,7 @@ def activity_from_config(name: str, *, dcgm_urls: Sequence[str] = ("http://127.0
         return DcgmActivity(dcgm_urls, timeout)
     if name == "nvml":
         return NvmlActivity()
-    # built-ins are made directly: scanning every distribution's entry points costs tens of ms
-    from importlib.metadata import entry_points
+    from ..plugins import plugin_class
 
-    found = {ep.name: ep for ep in entry_points(group=ACTIVITY_GROUP)}
-    if name not in found:
-        known = ", ".join(sorted({*BUILT_IN_ACTIVITY, *found}))
-        raise ConfigError(f"no GPU activity source {name!r} (known: {known})", source="GPU activity")
-    cls = found[name].load()
-    if not (isinstance(cls, type) and issubclass(cls, GpuActivity)):
-        raise ConfigError(f"GPU activity source {name!r} ({found[name].value}) is not a GpuActivity",
-                          source="GPU activity")
-    return cls()
+    return plugin_class(ACTIVITY_GROUP, name, GpuActivity, built_in=BUILT_IN_ACTIVITY, what="GPU activity source",
+                        fail=lambda message: ConfigError(message, source="GPU activity"))()

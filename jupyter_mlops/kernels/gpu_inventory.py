@@ -164,18 +164,10 @@ def inventory_from_config(name: str, devices: Sequence[Mapping[str, Any]] | None
         return NoGpuInventory()
     if name == "static":
         return StaticInventory([_device_from_config(i, d) for i, d in enumerate(devices or [])])
-    # built-ins are made directly: scanning every distribution's entry points costs tens of ms
-    from importlib.metadata import entry_points
+    from ..plugins import plugin_class
 
-    found = {ep.name: ep for ep in entry_points(group=INVENTORY_GROUP)}
-    if name not in found:
-        known = ", ".join(sorted({*BUILT_IN_INVENTORIES, *found}))
-        raise ConfigError(f"no GPU inventory {name!r} (known: {known})", source="GPU inventory")
-    cls = found[name].load()
-    if not (isinstance(cls, type) and issubclass(cls, GpuInventory)):
-        raise ConfigError(f"GPU inventory {name!r} ({found[name].value}) is not a GpuInventory",
-                          source="GPU inventory")
-    return cls()
+    return plugin_class(INVENTORY_GROUP, name, GpuInventory, built_in=BUILT_IN_INVENTORIES, what="GPU inventory",
+                        fail=lambda message: ConfigError(message, source="GPU inventory"))()
 
 
 def _device_from_config(position: int, entry: Mapping[str, Any]) -> GpuDevice:

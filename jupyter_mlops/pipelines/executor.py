@@ -261,13 +261,8 @@ def create_executor(name: str, **options: Any) -> StepExecutor:
     """
     if name == "local":
         return LocalExecutor(**options)
-    from importlib.metadata import entry_points
+    from ..plugins import plugin_class
 
-    found = {ep.name: ep for ep in entry_points(group=EXECUTOR_GROUP)}
-    if name not in found:
-        known = ", ".join(sorted({"local", *found}))
-        raise MlopsError(f"no pipeline executor {name!r} (known: {known}); set c.MlopsConfig.pipeline_executor")
-    cls = found[name].load()
-    if not (isinstance(cls, type) and issubclass(cls, StepExecutor)):
-        raise MlopsError(f"pipeline executor {name!r} ({found[name].value}) is not a StepExecutor")
+    cls = plugin_class(EXECUTOR_GROUP, name, StepExecutor, built_in=["local"], what="pipeline executor",
+                       fail=lambda message: MlopsError(f"{message}; set c.MlopsConfig.pipeline_executor"))
     return cls(**options)
