@@ -27,6 +27,8 @@ def resource_list(group: str) -> Obj:
                               "kind": rt.kind, "verbs": ["get", "patch", "update"]})
     if not group:
         resources.append({"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod", "verbs": ["get"]})
+        resources.append({"name": "pods/portforward", "singularName": "", "namespaced": True, "kind": "PodPortForwardOptions",
+                          "verbs": ["create", "get"]})
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/v1" if group else "v1",
             "resources": resources}
 

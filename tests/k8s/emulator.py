@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Optional
 from aiohttp import web
 
 from ._api import Api, dumps
+from ._portforward import serve_portforward
 from ._selectors import SelectorError, parse_field_selector, parse_label_selector
 from ._routes import BATCH_GROUP, VERSION, delete_options, resource_list, target
 from ._store import ABORT, CLOSE, RESOURCES, ApiError, Change, Obj, ResourceType, Store
@@ -228,6 +229,8 @@ class ApiEmulator:
             return await self._watch(request, rt, namespace, injected)
         if sub == "log":
             return await self._log(request, namespace or "", name or "")
+        if sub == "portforward":
+            return await self._portforward(request, namespace or "", name or "")
         return await self._verb(request, req.verb, rt, namespace, name, sub)
 
     def _record(self, request: web.Request, rt: ResourceType, namespace: Optional[str], name: Optional[str],
@@ -241,7 +244,9 @@ class ApiEmulator:
                 verb = {"POST": "create", "DELETE": "deletecollection"}.get(method, "")
         else:
             verb = {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, "")
-        if not verb or (sub == "log" and method != "GET") or (sub not in ("", "status", "log")):
+        if sub == "portforward" and (rt.plural != "pods" or name is None or method not in ("GET", "POST")):
+            verb = ""  # a WebSocket port-forward is a get (as authorized before 1.35), SPDY's POST a create
+        if not verb or (sub == "log" and method != "GET") or (sub not in ("", "status", "log", "portforward")):
             raise ApiError(405, f"the server does not allow this method on the requested resource ({method})")
         if verb == "create" and rt.namespaced and namespace is None:
             raise ApiError(405, "the server does not allow this method on the requested resource (post "
@@ -358,6 +363,16 @@ class ApiEmulator:
             self.store.close_watch(watcher)
             self._streams.discard(task)
         return resp
+
+    async def _portforward(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        pod = self.api.get(RESOURCES["pods"], namespace, name)  # a missing pod is 404 before any upgrade
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            return await serve_portforward(request, pod)
+        finally:
+            self._streams.discard(task)
 
     async def _log(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
         q = request.query

@@ -144,6 +144,63 @@ def test_pod_serves_on_its_own_ip_and_is_stopped_by_delete() -> None:
     run(main)
 
 
+def test_portforward_speaks_the_websocket_channel_protocol() -> None:
+    """Raw frames, as the kubelet sends them: port prefixes, data, the error channel, the closes."""
+    import aiohttp
+
+    echo = ("import os, socket\n"
+            "s = socket.create_server((os.environ['POD_IP'], 52001))\n"
+            "print('listening', flush=True)\n"
+            "while True:\n"
+            "    c, _ = s.accept()\n"
+            "    while (b := c.recv(65536)):\n"
+            "        c.sendall(b.upper())\n"
+            "    c.close()\n")
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+
+    async def frames(ws: Any) -> list[bytes]:
+        return [m.data async for m in ws if m.type == aiohttp.WSMsgType.BINARY]
+
+    async def main() -> None:
+        async with running_cluster() as (api, emu, kubelet), aiohttp.ClientSession() as http:
+            v1 = client.CoreV1Api(api)
+            await v1.create_namespaced_pod("default", pod("e", py(echo), env=env, ports=[{"containerPort": 52001}]))
+            await watch_until(v1.list_namespaced_pod, "default", until=phase_is("Running"))
+            log = await v1.read_namespaced_pod_log("e", "default", follow=True, _preload_content=False)
+            assert (await log.content.readline()) == b"listening\n"
+            log.release()
+            url = emu.url.replace("http", "ws") + "/api/v1/namespaces/default/pods/e/portforward"
+            async with http.ws_connect(f"{url}?ports=52001", protocols=["v4.channel.k8s.io"]) as ws:
+                assert ws.protocol == "v4.channel.k8s.io"
+                assert [await ws.receive_bytes(), await ws.receive_bytes()] == [b"\x00\x21\xcb", b"\x01\x21\xcb"]
+                await ws.send_bytes(b"\x00hello")
+                assert await ws.receive_bytes() == b"\x00HELLO"
+                await ws.send_bytes(b"\x00")  # an empty frame is nothing, not an end
+                await ws.send_bytes(b"\x00!")
+                assert await ws.receive_bytes() == b"\x00!"
+            # a port nothing listens on: the port prefixes, then the kubelet's message, then the close
+            async with http.ws_connect(f"{url}?ports=52001,52002", protocols=["v4.channel.k8s.io"]) as ws:
+                got = await frames(ws)
+            assert got[:4] == [b"\x00\x21\xcb", b"\x01\x21\xcb", b"\x02\x22\xcb", b"\x03\x22\xcb"]
+            assert len(got) == 5 and got[4].startswith(b"\x03error forwarding port 52002 to pod ")
+            assert got[4].endswith(b"dial tcp4 %s:52002: connect: connection refused"
+                                   % pod_ip_of(emu, "e").encode())
+            assert [(r.verb, r.resource, r.query) for r in emu.requests if r.resource == "pods/portforward"] == [
+                ("get", "pods/portforward", {"ports": "52001"}), ("get", "pods/portforward", {"ports": "52001,52002"})]
+            # refused before any upgrade: no such pod (404), no WebSocket (400), no port (400)
+            for path, code in (("pods/ghost/portforward?ports=1", 404), ("pods/e/portforward?ports=52001", 400),
+                               ("pods/e/portforward", 400)):
+                async with http.get(f"{emu.url}/api/v1/namespaces/default/{path}") as resp:
+                    assert (resp.status, (await resp.json())["code"]) == (code, code)
+            await v1.delete_namespaced_pod("e", "default")
+            await emu.wait_for("pods", "default", "e", deleted=True)
+    run(main)
+
+
+def pod_ip_of(emu: ApiEmulator, name: str) -> str:
+    return emu.store.get("pods", "default", name)["status"]["podIP"]
+
+
 def test_oom_killed() -> None:
     async def main() -> None:
         async with running_cluster() as (api, emu, kubelet):
