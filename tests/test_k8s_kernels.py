@@ -50,6 +50,8 @@ def k8s_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
     config.KernelProfiles.profiles = {"small": {"display_name": "Small", "cpu": 0.5, "memory": "1Gi"},
                                       "gpu-1": {"display_name": "One GPU", "cpu": 1, "memory": "1Gi", "gpus": 1}}
     config.Kubernetes.role_quotas = {"*": {"cpu": "2", "memory": "4Gi", "pods": 2}}
+    if not LIVE_IMAGE:  # the emulator's pod IPs (127.x) route from here; "auto" would port-forward, as
+        config.Kubernetes.connect = "pod-ip"  # outside a real cluster (tests/test_k8s_portforward.py)
     yield config
     left = KERNELS.all()
     for record in left:  # one test's leftover must not fail the tests after it

@@ -6,6 +6,9 @@ The same choice as ``mlops-local`` (environment, profile, user; the ``mlops_*`` 
 * the user's namespace is made on first use, with the ResourceQuota and LimitRange of their role;
 * a Secret holds the connection key; the pod binds its own IP on fixed ports (no port race, no
   callback to the server) and is followed through the process's shared pod and event watches;
+* the server reaches those ports at the pod's IP, or, outside the cluster, through a port-forward
+  of the API server (``c.Kubernetes.connect``, :mod:`.portforward`): local ports on 127.0.0.1 that
+  last from the pod's start (not a pool claim) through restarts to the kernel's shutdown;
 * a pod that cannot start fails the start as soon as the cluster says why (Unschedulable, image
   pull errors, OOMKilled, quota exceeded), never at a timeout; image pull progress is logged;
 * interrupts are messages (the kernel spec says ``interrupt_mode: message``): signals do not
@@ -27,6 +30,7 @@ from traitlets import Unicode
 from ..errors import KernelStartError
 from ..kernels.registry import KERNELS, KernelRecord
 from .namespaces import api_error, ensure_namespace
+from .portforward import wants_port_forward
 
 __all__ = ["MlopsKubernetesProvisioner"]
 
@@ -44,6 +48,8 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _settings: Any = None
     _status: str = ""  # what the start is doing now (pulling an image...), for a frontend
     _deleted = False  # kill() asked for the pod's deletion; cleanup() need not ask again
+    _port_forward = False  # c.Kubernetes.connect resolved: reach the pod through the API server
+    _forward: Any = None  # the PortForward while there is one
 
     @property
     def has_process(self) -> bool:
@@ -59,6 +65,7 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         choice = {k: kwargs.pop(f"mlops_{k}", None) for k in ("environment", "profile", "user", "pool")}
         config = load_config(self.config)
         self._settings = KubernetesSettings(config=config.config)
+        self._port_forward = wants_port_forward(self._settings.connect)
         profiles = KernelProfiles(config=config.config)
         existing = KERNELS.get(self.kernel_id)
         if existing is not None:  # a restart keeps who and what
@@ -108,13 +115,15 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                                  plan["profile"].name, pool=plan["pool"]))
         try:
             running = await self._wait_running()
+            self.connection_info = {"ip": running["status"]["podIP"], "transport": "tcp", "key": key.encode(),
+                                    "signature_scheme": "hmac-sha256",
+                                    **{f"{c}_port": p for c, p in manifests.KERNEL_PORTS.items()}}
+            if self._port_forward:
+                self.connection_info.update(await self._forwarded())
         except BaseException:  # nothing of a kernel that never ran stays behind
             await self._delete(grace=0)
             await self.cleanup()
             raise
-        ip = running["status"]["podIP"]
-        self.connection_info = {"ip": ip, "transport": "tcp", "key": key.encode(), "signature_scheme": "hmac-sha256",
-                                **{f"{c}_port": p for c, p in manifests.KERNEL_PORTS.items()}}
         return self.connection_info
 
     def hand_over(self, user: str) -> None:
@@ -159,6 +168,10 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._delete(grace=0 if signum == signal.SIGKILL else None)
         # other signals cannot reach a process in a pod; interrupts go as messages
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        if self._forward is not None:  # the kernel ends itself: its port-forward's failures are no news
+            self._forward.expect_down()
+
     async def kill(self, restart: bool = False) -> None:
         await self._delete(grace=0)
         self._deleted = True
@@ -183,7 +196,8 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             cluster.forget(self.namespace, self.pod_name)
             if not restart and self.secret_name:
                 await self._ignore_missing(cluster.core.delete_namespaced_secret(self.secret_name, self.namespace))
-        if not restart:
+        if not restart:  # a restart re-creates the pod under the same name: the forward reaches it
+            await self._close_forward()
             KERNELS.remove(self.kernel_id)
 
     async def get_provisioner_info(self) -> dict[str, Any]:
@@ -195,7 +209,8 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        """Re-adopt a kernel pod a previous server started (the pod keeps running meanwhile)."""
+        """Re-adopt a kernel pod a previous server started (the pod keeps running meanwhile). With
+        port-forwarding, a new forward is started: ``connection_info`` then has its local ports."""
         from ..config import load_config
         from .client import cluster_for
         from .settings import KubernetesSettings
@@ -205,13 +220,36 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.pod_name = provisioner_info.get("pod_name")
         self.secret_name = provisioner_info.get("secret_name")
         self._settings = KubernetesSettings(config=load_config(self.config).config)
+        self._port_forward = wants_port_forward(self._settings.connect)
         self._cluster = await cluster_for(self._settings)
+        if self._port_forward and self.connection_info:
+            self.connection_info = {**self.connection_info, **await self._forwarded()}
         saved = provisioner_info.get("mlops") or {}
         if saved and KERNELS.get(self.kernel_id) is None:
             KERNELS.add(KernelRecord(self.kernel_id, saved.get("user") or "", saved.get("environment"),
                                      saved.get("profile") or "", pool=saved.get("pool")))
 
     # -- inside ---------------------------------------------------------------------------------
+
+    async def _forwarded(self) -> dict[str, Any]:
+        """The connection info's address and ports through this pod's port-forward, started if need be."""
+        from .manifests import KERNEL_PORTS
+        from .portforward import PortForward
+
+        target = (self.namespace, self.pod_name)
+        if self._forward is not None and self._forward.target != target:
+            await self._close_forward()
+        if self._forward is None:
+            forward = PortForward(self._cluster.api.configuration, *target, KERNEL_PORTS.values())
+            await forward.start()
+            self._forward = forward
+        self._forward.pod_started()
+        return {"ip": "127.0.0.1", **{f"{c}_port": self._forward.local_ports[p] for c, p in KERNEL_PORTS.items()}}
+
+    async def _close_forward(self) -> None:
+        forward, self._forward = self._forward, None
+        if forward is not None:
+            await forward.close()
 
     async def _wait_running(self) -> dict[str, Any]:
         from .failures import is_running, progress, start_failure
@@ -262,6 +300,8 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def _delete(self, grace: int | None) -> None:
         if self._cluster is None or not self.pod_name or not self.namespace:
             return
+        if self._forward is not None:
+            self._forward.expect_down()
         pod = self._cluster.pods.get(self.namespace, self.pod_name)
         if pod is not None and (pod.get("metadata") or {}).get("deletionTimestamp") and grace != 0:
             return  # already on its way out

@@ -33,8 +33,11 @@ class KubernetesSettings(Configurable):
                               "(a kernel needs no API access).").tag(config=True)
     startup_timeout = Float(300.0, help="Seconds a kernel pod may take to start (pulling a large image "
                             "counts; a failure is reported as soon as it is known, not at this limit).").tag(config=True)
-    connect = Unicode("auto", help="How the server reaches kernel pods: pod-ip, port-forward, or auto "
-                      "(pod IPs in the cluster, port-forward outside it).").tag(config=True)
+    connect = Unicode("auto", help="How the server reaches kernel pods: pod-ip (their IPs must route from "
+                      "the server), port-forward (local ports on 127.0.0.1 relayed through the API server's "
+                      "pods/portforward, as kubectl port-forward does; needs create on pods/portforward), or auto: "
+                      "pod-ip when the server runs in a pod (KUBERNETES_SERVICE_HOST set), port-forward otherwise."
+                      ).tag(config=True)
     pipeline_image = Unicode("", help="Image the CronJobs of schedules run `jupyter mlops pipeline run` in "
                              "(`jupyter mlops schedule export --kubernetes`): one with jupyter_mlops installed and "
                              "the project (pipeline.yaml, its notebooks, environments/) at pipeline_project_dir, "

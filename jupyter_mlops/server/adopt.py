@@ -44,9 +44,10 @@ def adopt_kernel(mkm: Any, km: Any, kernel_info: dict[str, Any] | None = None) -
 
 async def readopt_kernel_pods(mkm: Any, settings: Any) -> tuple[list[str], list[str]]:
     """After a server restart: every running kernel pod of ours becomes a kernel of ``mkm`` again
-    (its connection from the pod's IP, the fixed ports and its Secret's key; its user, environment
-    and profile from its annotations); pods that cannot serve anyone (ended, or waiting in the warm
-    pool, which refills) are deleted. Returns (adopted kernel ids, deleted pod names)."""
+    (its connection from the pod's IP, the fixed ports and its Secret's key, or a new port-forward's
+    local ports when ``c.Kubernetes.connect`` says so; its user, environment and profile from its
+    annotations); pods that cannot serve anyone (ended, or waiting in the warm pool, which refills)
+    are deleted. Returns (adopted kernel ids, deleted pod names)."""
     from jupyter_client.provisioning import KernelProvisionerFactory
 
     from ..k8s import manifests
@@ -83,7 +84,7 @@ async def readopt_kernel_pods(mkm: Any, settings: Any) -> tuple[list[str], list[
             "mlops": {"user": notes.get(manifests.LABEL_USER, ""), "environment": notes.get(manifests.LABEL_ENVIRONMENT),
                       "profile": notes.get(manifests.LABEL_PROFILE, "")}})
         km.provisioner = provisioner
-        km.load_connection_info(connection)
+        km.load_connection_info(provisioner.connection_info)  # the pod's, or its new port-forward's
         adopt_kernel(mkm, km)
         adopted.append(kernel_id)
         log.info("re-adopted kernel %s of %s (pod %s/%s)", kernel_id, notes.get(manifests.LABEL_USER), namespace, name)
