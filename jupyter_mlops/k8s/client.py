@@ -11,7 +11,7 @@ from ..errors import KubernetesError
 from .settings import KubernetesSettings
 from .watch import Watcher
 
-__all__ = ["Cluster", "cluster_for", "MANAGED_SELECTOR"]
+__all__ = ["Cluster", "cluster_for", "close_clusters", "connect", "MANAGED_SELECTOR"]
 
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=jupyter-mlops"
 _CLUSTERS: dict[tuple[int, str, str, str], "Cluster"] = {}
@@ -69,7 +69,7 @@ async def cluster_for(settings: KubernetesSettings) -> Cluster:
     key = (id(loop), settings.api_host, settings.kubeconfig, settings.context)
     cluster = _CLUSTERS.get(key)
     if cluster is None:
-        cluster = _CLUSTERS[key] = Cluster(await _api_client(settings))
+        cluster = _CLUSTERS[key] = Cluster(await connect(settings))
     try:
         await cluster.start()
     except Exception as e:
@@ -79,7 +79,19 @@ async def cluster_for(settings: KubernetesSettings) -> Cluster:
     return cluster
 
 
-async def _api_client(settings: KubernetesSettings) -> Any:
+async def close_clusters() -> None:
+    """Stop the watches and close the connections of this process's clusters on the running loop
+    (the server extension's stop; a test's end)."""
+    loop = asyncio.get_running_loop()
+    for key, cluster in list(_CLUSTERS.items()):
+        if key[0] == id(loop):
+            _CLUSTERS.pop(key, None)
+            await cluster.close()
+
+
+async def connect(settings: KubernetesSettings) -> Any:
+    """A ``kubernetes_asyncio`` ApiClient for ``settings`` (the caller closes it): ``api_host``,
+    else the in-cluster service account, else the kubeconfig."""
     try:
         from kubernetes_asyncio import client, config
     except ImportError as e:

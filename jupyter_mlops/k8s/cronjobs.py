@@ -234,9 +234,9 @@ def apply_schedules(schedules: Iterable[Any], config: Any, *, user: str | None =
     async def apply() -> Applied:
         from kubernetes_asyncio import client
 
-        from .client import _api_client
+        from .client import connect
 
-        api = await _api_client(settings)
+        api = await connect(settings)
         try:
             await ensure_namespace(client.CoreV1Api(api), namespace, user, settings)
             return await apply_cronjobs(client.BatchV1Api(api), namespace,

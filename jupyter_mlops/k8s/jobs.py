@@ -263,7 +263,7 @@ class JobExecutor(StepExecutor):
             raise StepFailed(str(e)) from e
 
     async def _open(self) -> Any:
-        from .client import MANAGED_SELECTOR, Cluster, _api_client
+        from .client import MANAGED_SELECTOR, Cluster, connect
         from .manifests import COMPONENT
         from .watch import Watcher
 
@@ -271,7 +271,7 @@ class JobExecutor(StepExecutor):
         # A Cluster of this executor's own: the process's shared one (cluster_for) belongs to another loop.
         # The Cluster's watches follow pods and pod events; Jobs and their events are watched here, in
         # the one namespace this executor uses.
-        cluster = Cluster(await _api_client(ctx.settings))
+        cluster = Cluster(await connect(ctx.settings))
         jobs = Watcher(functools.partial(cluster.batch.list_namespaced_job, ctx.namespace,
                                          label_selector=f"{MANAGED_SELECTOR},{COMPONENT}=step"), what="jobs")
         job_events = Watcher(functools.partial(cluster.core.list_namespaced_event, ctx.namespace,
