@@ -37,9 +37,7 @@ def emulated(jp_asyncio_loop: Any) -> Iterator[tuple[Any, Any, Any]]:
     finally:
         from jupyter_mlops.k8s import client as k8s_client
 
-        for key, shared in list(k8s_client._CLUSTERS.items()):
-            jp_asyncio_loop.run_until_complete(shared.close())
-            k8s_client._CLUSTERS.pop(key, None)
+        jp_asyncio_loop.run_until_complete(k8s_client.close_clusters())
         jp_asyncio_loop.run_until_complete(cluster.__aexit__(None, None, None))
 
 
@@ -140,3 +138,47 @@ def test_cluster_refusals_come_back_as_statuses_with_the_reason(api: Any, jp_ser
     status, body = api("alice", "POST", "kernels", body={"environment": "demo", "profile": "small"})
     assert status == 502 and "etcdserver: request timed out" in body["message"], body
     assert {r.user for r in KERNELS.all() if r.user} == {"carol"}
+
+
+def test_a_stopping_server_leaves_kernel_pods_to_the_next_one(api: Any, jp_serverapp: Any, jp_asyncio_loop: Any,
+                                                              jp_ws_fetch: Any, emulated: tuple[Any, Any, Any],
+                                                              tmp_path: Path) -> None:
+    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+    from jupyter_mlops.k8s.settings import KubernetesSettings
+    from jupyter_mlops.server.adopt import readopt_kernel_pods
+
+    client = emulated[0]
+    config = jp_serverapp.config
+    config.Kubernetes.on_stop = "keep"  # what "auto" is in a cluster
+    jp_asyncio_loop.run_until_complete(jp_serverapp.web_app.settings["mlops_service"].pools.stop())
+    status, kernel = api("bob", "POST", "kernels", body={"environment": "demo", "profile": "small"})
+    assert status == 201 and kernel["origin"] == "started", kernel
+    jp_asyncio_loop.run_until_complete(execute(jp_ws_fetch, kernel["id"], "x = 41"))
+    # the server stops as jupyter_server stops it: extensions first, then every kernel it still has
+    jp_asyncio_loop.run_until_complete(jp_serverapp.cleanup_extensions())
+    jp_asyncio_loop.run_until_complete(jp_serverapp.cleanup_kernels())
+    assert kernel["id"] not in jp_serverapp.kernel_manager.list_kernel_ids() and not KERNELS.all()
+    assert [labels.get("mlops.jupyter.org/kernel-id") for labels in _pods(jp_asyncio_loop, client).values()] \
+        == [kernel["id"]], "the kernel pod was not left running"
+
+    async def next_server() -> str:
+        after = AsyncMappingKernelManager(config=config, root_dir=str(tmp_path))
+        adopted, deleted = await readopt_kernel_pods(after, KubernetesSettings(config=config))
+        assert (adopted, deleted) == ([kernel["id"]], [])
+        km = after.get_kernel(kernel["id"])
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=30)
+            reply = await kc.execute_interactive("print(x + 1)", timeout=30, output_hook=lambda m: out.append(
+                m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
+            assert reply["content"]["status"] == "ok"
+        finally:
+            kc.stop_channels()
+            await after.shutdown_kernel(kernel["id"], now=True)
+        return "".join(out)
+
+    out: list[str] = []
+    assert jp_asyncio_loop.run_until_complete(next_server()).strip() == "42"
+    assert _pods(jp_asyncio_loop, client) == {}

@@ -200,6 +200,13 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._close_forward()
             KERNELS.remove(self.kernel_id)
 
+    async def release(self) -> None:
+        """This server lets go of the kernel without stopping it (it stops; the next one re-adopts
+        the pod): the local port-forward and the record go, the pod and its Secret stay."""
+        await self._close_forward()
+        KERNELS.remove(self.kernel_id)
+        self.pod_name = None  # nothing of this provisioner may delete the pod now
+
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
         info.update({"namespace": self.namespace, "pod_name": self.pod_name, "secret_name": self.secret_name})

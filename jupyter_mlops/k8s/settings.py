@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from traitlets import Dict, Float, Unicode
+import os
+
+from traitlets import Dict, Enum, Float, Unicode
 from traitlets.config import Configurable
 
 __all__ = ["KubernetesSettings"]
@@ -38,6 +40,10 @@ class KubernetesSettings(Configurable):
                       "pods/portforward, as kubectl port-forward does; needs create on pods/portforward), or auto: "
                       "pod-ip when the server runs in a pod (KUBERNETES_SERVICE_HOST set), port-forward otherwise."
                       ).tag(config=True)
+    on_stop = Enum(("auto", "keep", "shut-down"), "auto", help="What a stopping server does with its users' "
+                   "kernel pods: keep them running (the next server, after a restart or a rolling update, "
+                   "re-adopts them), shut them down (as jupyter_server does with local kernels), or auto: keep "
+                   "in a cluster, shut down outside one (a laptop's server leaves nothing running).").tag(config=True)
     pipeline_image = Unicode("", help="Image the CronJobs of schedules run `jupyter mlops pipeline run` in "
                              "(`jupyter mlops schedule export --kubernetes`): one with jupyter_mlops installed and "
                              "the project (pipeline.yaml, its notebooks, environments/) at pipeline_project_dir, "
@@ -46,3 +52,9 @@ class KubernetesSettings(Configurable):
     pipeline_project_dir = Unicode("/project", help="Where the project is inside pipeline_image; a schedule's "
                                    "pipeline file is found there by its path relative to the project root here."
                                    ).tag(config=True)
+
+    def keeps_kernels_on_stop(self) -> bool:
+        """:attr:`on_stop` resolved: whether a stopping server leaves its kernel pods running."""
+        if self.on_stop == "auto":
+            return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        return self.on_stop == "keep"

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-__all__ = ["adopt_kernel", "readopt_kernel_pods"]
+__all__ = ["adopt_kernel", "readopt_kernel_pods", "release_kernel_pods"]
 
 log = logging.getLogger("jupyter_mlops.server")
 
@@ -89,6 +89,31 @@ async def readopt_kernel_pods(mkm: Any, settings: Any) -> tuple[list[str], list[
         adopted.append(kernel_id)
         log.info("re-adopted kernel %s of %s (pod %s/%s)", kernel_id, notes.get(manifests.LABEL_USER), namespace, name)
     return adopted, deleted
+
+
+async def release_kernel_pods(mkm: Any) -> list[str]:
+    """The server stops, its users' kernel pods go on (``c.Kubernetes.on_stop``): every kernel in a
+    pod leaves ``mkm`` without being shut down, so jupyter_server's ``shutdown_all`` that follows
+    does not delete it and the next server re-adopts it. Returns the kernel ids let go."""
+    from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
+
+    from ..k8s.provisioner import MlopsKubernetesProvisioner
+
+    released = []
+    for kernel_id in list(mkm.list_kernel_ids()):
+        km = mkm.get_kernel(kernel_id)
+        provisioner = getattr(km, "provisioner", None)
+        if not isinstance(provisioner, MlopsKubernetesProvisioner) or not provisioner.has_process:
+            continue
+        mkm.stop_watching_activity(kernel_id)
+        km.stop_restarter()
+        await provisioner.release()
+        mkm.remove_kernel(kernel_id)
+        mkm._kernel_connections.pop(kernel_id, None)
+        mkm._kernel_ports.pop(kernel_id, None)
+        KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).dec()
+        released.append(kernel_id)
+    return released
 
 
 async def _secret_key(cluster: Any, namespace: str, name: str) -> str:

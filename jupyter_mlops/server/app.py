@@ -83,3 +83,20 @@ class MlopsExtensionApp(ExtensionApp):
             await self.gpu_culler.stop()
         if self.service is not None:
             await self.service.pools.stop()
+            if self.service.settings.kernel_backend == "kubernetes":
+                await self._let_kernel_pods_go_on()
+
+    async def _let_kernel_pods_go_on(self) -> None:
+        """Before jupyter_server shuts every kernel down: kernel pods the next server re-adopts are
+        let go instead (``c.Kubernetes.on_stop``)."""
+        from ..k8s.client import close_clusters
+        from ..k8s.settings import KubernetesSettings
+        from .adopt import release_kernel_pods
+
+        if not KubernetesSettings(config=self.service.config).keeps_kernels_on_stop():
+            return
+        released = await release_kernel_pods(self.serverapp.kernel_manager)
+        if released:
+            self.log.info("mlops: %d kernel pod(s) keep running for the next server to re-adopt "
+                          "(c.Kubernetes.on_stop)", len(released))
+        await close_clusters()
