@@ -253,6 +253,7 @@ def make_config(url: str, pool_size: int) -> Any:
     config = Config()
     config.MlopsConfig.kernel_backend = "kubernetes"
     config.Kubernetes.api_host = url
+    config.Kubernetes.connect = "pod-ip"  # the emulator's pod IPs (127.x) route from here
     config.KernelProfiles.profiles = {PROFILE: {"display_name": "Small", "cpu": 0.5, "memory": "1Gi"}}
     config.WarmPools.sizes = {f"{ENVIRONMENT}/{PROFILE}": pool_size}
     config.WarmPools.refill_delay = REFILL_DELAY
@@ -530,9 +531,7 @@ class Bench:
             await self.mkm.shutdown_all(now=True)
         if self.kubelet_api is not None:
             await self.kubelet_api.api_client.close()
-        for key, c in list(k8s_client._CLUSTERS.items()):
-            await c.close()
-            k8s_client._CLUSTERS.pop(key, None)
+        await k8s_client.close_clusters()
 
 
 # -- the run ----------------------------------------------------------------------------------------------

@@ -73,9 +73,7 @@ def cluster(k8s_config: Config) -> Any:
             finally:
                 from jupyter_mlops.k8s import client as k8s_client
 
-                for key, c in list(k8s_client._CLUSTERS.items()):
-                    await c.close()
-                    k8s_client._CLUSTERS.pop(key, None)
+                await k8s_client.close_clusters()
 
         async def go() -> Any:
             async with running_cluster(nodes=nodes or [Node("cpu-1", cpu="4", memory="16Gi")]) as (client, api, kubelet):
@@ -95,9 +93,7 @@ def cluster(k8s_config: Config) -> Any:
                 finally:
                     from jupyter_mlops.k8s import client as k8s_client
 
-                    for key, c in list(k8s_client._CLUSTERS.items()):
-                        await c.close()
-                        k8s_client._CLUSTERS.pop(key, None)
+                    await k8s_client.close_clusters()
 
         return asyncio.run(live() if LIVE_IMAGE else go())
 
@@ -134,7 +130,11 @@ def test_a_kernel_runs_in_a_pod_is_interrupted_restarted_and_leaves_nothing(clus
             assert info["namespace"].startswith("mlops-alice-smith-")  # sanitised and unique
             facts = json.loads(await _run(km, "import json, os; print(json.dumps({k: os.environ.get(k) for k in "
                                                   "('MLOPS_POD_IP', 'MLOPS_KERNEL_PROFILE', 'MLOPS_KERNEL_ENVIRONMENT')}))"))
-            assert facts["MLOPS_POD_IP"] == km.provisioner.connection_info["ip"] != "127.0.0.1"
+            from jupyter_mlops.k8s.client import cluster_for
+            from jupyter_mlops.k8s.settings import KubernetesSettings
+
+            pod = (await cluster_for(KubernetesSettings(config=k8s_config))).pods.get(info["namespace"], info["pod_name"])
+            assert facts["MLOPS_POD_IP"] == pod["status"]["podIP"]  # the kernel binds its pod's own IP
             assert (facts["MLOPS_KERNEL_PROFILE"], facts["MLOPS_KERNEL_ENVIRONMENT"]) == ("small", "demo")
             # an interrupt is a message: a signal could not reach into a pod
             client = km.client()
@@ -201,9 +201,7 @@ def test_a_restarted_server_re_adopts_a_running_kernel_pod(cluster: Any, k8s_con
         await _run(km, "answer = 42")
         info = await km.provisioner.get_provisioner_info()
         # the server goes away: its watches, its records; the pod keeps running
-        for key, c in list(k8s_client._CLUSTERS.items()):
-            await c.close()
-            k8s_client._CLUSTERS.pop(key, None)
+        await k8s_client.close_clusters()
         KERNELS.remove(km.kernel_id)
         km.context.destroy(linger=0)  # what the ended process's sockets held
 
@@ -304,12 +302,13 @@ def test_a_server_restart_re_adopts_kernel_pods_and_deletes_what_serves_no_one(c
         assert await pools.wait_ready(60)
         pools._stopping = True  # the process ends: its pool stops filling, its pods stay
         # the server process ends without shutting anything down: pods, secrets stay in the cluster
-        for key, c in list(k8s_client._CLUSTERS.items()):
-            await c.close()
-            k8s_client._CLUSTERS.pop(key, None)
+        await k8s_client.close_clusters()
         for record in KERNELS.all():
             KERNELS.remove(record.kernel_id)
-        before.context.destroy(linger=0)  # what the ended process's sockets held
+        # what the ended process's sockets held; its activity stream first, or the event loop would
+        # keep watching a closed descriptor that a new connection may reuse
+        before.stop_watching_activity(kernel_id)
+        before.context.destroy(linger=0)
 
         after = AsyncMappingKernelManager(config=k8s_config, root_dir=str(tmp_path))
         adopted, deleted = await readopt_kernel_pods(after, KubernetesSettings(config=k8s_config))

@@ -126,9 +126,7 @@ def test_a_restarted_server_re_adopts_a_kernel_pod_through_a_new_forward(
         old = before.get_kernel(kernel_id).provisioner._forward
         # the server process ends: its listeners, watches and records go; the pod keeps running
         await old.close()
-        for key, c in list(k8s_client._CLUSTERS.items()):
-            await c.close()
-            k8s_client._CLUSTERS.pop(key, None)
+        await k8s_client.close_clusters()
         KERNELS.remove(kernel_id)
         # what the ended process's sockets held; its activity stream first, or the event loop would
         # keep watching a closed descriptor that a new connection may reuse
