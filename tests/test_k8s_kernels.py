@@ -9,6 +9,7 @@ need the emulator's failure injection skip. docs/kubernetes.md says how to run i
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 from pathlib import Path
@@ -333,5 +334,36 @@ def test_a_slow_image_pull_is_reported_while_it_lasts(cluster: Any, k8s_config: 
             assert any("pulling" in m and "registry.example/demo:1" in m for m in said), said
         finally:
             await km.shutdown_kernel(now=True)
+
+    cluster(body)
+
+
+def test_servers_sharing_a_cluster_leave_each_others_kernel_pods_alone(cluster: Any, k8s_config: Config,
+                                                                       tmp_path: Path) -> None:
+    async def body(api: Any, kubelet: Any) -> None:
+        from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+        from jupyter_mlops.k8s import client as k8s_client
+        from jupyter_mlops.k8s.settings import KubernetesSettings
+        from jupyter_mlops.server.adopt import readopt_kernel_pods, release_kernel_pods
+
+        configs = {}
+        for server in ("blue", "green"):
+            configs[server] = c = copy.deepcopy(k8s_config)
+            c.Kubernetes.server_id = server
+        first = {s: AsyncMappingKernelManager(config=c, root_dir=str(tmp_path)) for s, c in configs.items()}
+        kernels = {s: await mkm.start_kernel(kernel_name="mlops-demo-small", mlops_user="kim")
+                   for s, mkm in first.items()}
+        for server, mkm in first.items():  # both servers stop; their kernel pods go on
+            assert await release_kernel_pods(mkm) == [kernels[server]]
+        await k8s_client.close_clusters()
+        # blue comes back first: it re-adopts its own pod and neither adopts nor deletes green's
+        after = {s: AsyncMappingKernelManager(config=c, root_dir=str(tmp_path)) for s, c in configs.items()}
+        for server in ("blue", "green"):
+            adopted, deleted = await readopt_kernel_pods(after[server], KubernetesSettings(config=configs[server]))
+            assert (adopted, deleted) == ([kernels[server]], [])
+            assert (await _run(after[server].get_kernel(kernels[server]), "print('up')")).strip() == "up"
+        for server, mkm in after.items():
+            await mkm.shutdown_kernel(kernels[server], now=True)
 
     cluster(body)

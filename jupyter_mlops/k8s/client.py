@@ -14,19 +14,20 @@ from .watch import Watcher
 __all__ = ["Cluster", "cluster_for", "close_clusters", "connect", "MANAGED_SELECTOR"]
 
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=jupyter-mlops"
-_CLUSTERS: dict[tuple[int, str, str, str], "Cluster"] = {}
+_CLUSTERS: dict[tuple[int, str, str, str, str], "Cluster"] = {}
 
 
 class Cluster:
-    """An API client plus the two watches every kernel of this process shares (pods, events)."""
+    """An API client plus the two watches every kernel of this process shares: pods (ours, or those
+    ``pod_selector`` picks) and their events."""
 
-    def __init__(self, api: Any) -> None:
+    def __init__(self, api: Any, pod_selector: str = MANAGED_SELECTOR) -> None:
         from kubernetes_asyncio import client
 
         self.api = api
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
-        self.pods = Watcher(functools.partial(self.core.list_pod_for_all_namespaces, label_selector=MANAGED_SELECTOR),
+        self.pods = Watcher(functools.partial(self.core.list_pod_for_all_namespaces, label_selector=pod_selector),
                             what="pods")
         self.events: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (namespace, pod) -> events, for pods we watch
         self.event_watch = Watcher(functools.partial(self.core.list_event_for_all_namespaces,
@@ -63,13 +64,19 @@ class Cluster:
 
 
 async def cluster_for(settings: KubernetesSettings) -> Cluster:
-    """The process's :class:`Cluster` for ``settings`` on the running loop, connected and watching.
-    Raises :class:`KubernetesError` saying how to configure one when there is none."""
+    """The process's :class:`Cluster` for ``settings`` on the running loop, connected and watching
+    the pods of this server (``c.Kubernetes.server_id``): another server's kernel pods are not seen,
+    so never re-adopted or deleted here. Raises :class:`KubernetesError` saying how to configure one
+    when there is none."""
+    from .manifests import LABEL_SERVER
+    from .names import label_value
+
     loop = asyncio.get_running_loop()
-    key = (id(loop), settings.api_host, settings.kubeconfig, settings.context)
+    key = (id(loop), settings.api_host, settings.kubeconfig, settings.context, settings.server_id)
     cluster = _CLUSTERS.get(key)
     if cluster is None:
-        cluster = _CLUSTERS[key] = Cluster(await connect(settings))
+        selector = f"{MANAGED_SELECTOR},{LABEL_SERVER}={label_value(settings.server_id)}"
+        cluster = _CLUSTERS[key] = Cluster(await connect(settings), pod_selector=selector)
     try:
         await cluster.start()
     except Exception as e:

@@ -25,7 +25,7 @@ from .names import label_value
 
 __all__ = [
     "KERNEL_PORTS", "MANAGED_BY", "COMPONENT", "LABEL_USER", "LABEL_KERNEL_ID", "LABEL_ENVIRONMENT",
-    "LABEL_PROFILE", "QUOTA_NAME", "LIMIT_RANGE_NAME", "KERNEL_COMMAND", "quantity_cpu", "quantity_memory",
+    "LABEL_PROFILE", "LABEL_SERVER", "QUOTA_NAME", "LIMIT_RANGE_NAME", "KERNEL_COMMAND", "quantity_cpu", "quantity_memory",
     "namespace", "resource_quota", "limit_range", "kernel_secret", "kernel_pod", "step_job",
     "schedule_cronjob", "check",
 ]
@@ -38,6 +38,7 @@ LABEL_USER = "mlops.jupyter.org/user"
 LABEL_KERNEL_ID = "mlops.jupyter.org/kernel-id"
 LABEL_ENVIRONMENT = "mlops.jupyter.org/environment"
 LABEL_PROFILE = "mlops.jupyter.org/profile"
+LABEL_SERVER = "mlops.jupyter.org/server"
 QUOTA_NAME = "mlops-quota"
 LIMIT_RANGE_NAME = "mlops-limits"
 KERNEL_COMMAND = ["python", "-m", "jupyter_mlops.k8s.kernel_entry"]
@@ -131,8 +132,9 @@ def kernel_secret(name: str, namespace: str, key: str, labels: Mapping[str, str]
 def kernel_pod(*, name: str, namespace: str, kernel_id: str, user: str, image: str, profile: Profile,
                environment: str | None, secret_name: str, command: list[str] | None = None,
                env: Mapping[str, str] | None = None, service_account: str | None = None,
-               image_pull_policy: str = "IfNotPresent") -> dict[str, Any]:
-    """One kernel in one pod: the environment's image, the profile's resources, fixed ports.
+               image_pull_policy: str = "IfNotPresent", server: str = "default") -> dict[str, Any]:
+    """One kernel in one pod of ``server`` (``c.Kubernetes.server_id``): the environment's image, the
+    profile's resources, fixed ports.
 
     The entry point (``KERNEL_COMMAND``) builds its connection file from MLOPS_KERNEL_KEY (from the
     Secret ``secret_name``), MLOPS_POD_IP (the downward API) and MLOPS_KERNEL_PORTS. ``env`` may not
@@ -144,7 +146,8 @@ def kernel_pod(*, name: str, namespace: str, kernel_id: str, user: str, image: s
         raise ConfigError(f"env {taken[0]} is set by jupyter_mlops for the kernel; use another name",
                           source="kubernetes")
     labels = {**MANAGED_BY, COMPONENT: "kernel", LABEL_USER: label_value(user),
-              LABEL_KERNEL_ID: label_value(kernel_id), LABEL_PROFILE: label_value(profile.name)}
+              LABEL_KERNEL_ID: label_value(kernel_id), LABEL_PROFILE: label_value(profile.name),
+              LABEL_SERVER: label_value(server)}
     annotations = {LABEL_USER: user, LABEL_PROFILE: profile.name}
     if environment is not None:
         labels[LABEL_ENVIRONMENT] = label_value(environment)

@@ -104,7 +104,7 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             name=self.pod_name, namespace=self.namespace, kernel_id=self.kernel_id, user=plan["user"],
             image=plan["image"], profile=plan["profile"], environment=plan["environment"],
             secret_name=self.secret_name, service_account=self._settings.service_account or None,
-            image_pull_policy=self._settings.image_pull_policy)
+            image_pull_policy=self._settings.image_pull_policy, server=self._settings.server_id)
         await self._create(cluster.core.create_namespaced_secret, secret, replace=True)
         try:
             await self._create(cluster.core.create_namespaced_pod, pod)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from traitlets import Dict, Enum, Float, Unicode
+from traitlets import Dict, Enum, Float, Unicode, default
 from traitlets.config import Configurable
 
 __all__ = ["KubernetesSettings"]
@@ -40,6 +40,10 @@ class KubernetesSettings(Configurable):
                       "pods/portforward, as kubectl port-forward does; needs create on pods/portforward), or auto: "
                       "pod-ip when the server runs in a pod (KUBERNETES_SERVICE_HOST set), port-forward otherwise."
                       ).tag(config=True)
+    server_id = Unicode(help="Which server this is, where several share a cluster (replicas, or a staging and "
+                        "a production server): its kernel pods carry it as a label, and it follows, re-adopts "
+                        "and deletes only pods with its own id. Stable across restarts (a StatefulSet's pod "
+                        "name, not a Deployment's). Default: MLOPS_SERVER_ID, else 'default'.").tag(config=True)
     on_stop = Enum(("auto", "keep", "shut-down"), "auto", help="What a stopping server does with its users' "
                    "kernel pods: keep them running (the next server, after a restart or a rolling update, "
                    "re-adopts them), shut them down (as jupyter_server does with local kernels), or auto: keep "
@@ -52,6 +56,10 @@ class KubernetesSettings(Configurable):
     pipeline_project_dir = Unicode("/project", help="Where the project is inside pipeline_image; a schedule's "
                                    "pipeline file is found there by its path relative to the project root here."
                                    ).tag(config=True)
+
+    @default("server_id")
+    def _server_id_default(self) -> str:
+        return os.environ.get("MLOPS_SERVER_ID") or "default"
 
     def keeps_kernels_on_stop(self) -> bool:
         """:attr:`on_stop` resolved: whether a stopping server leaves its kernel pods running."""
