@@ -219,10 +219,19 @@ def test_a_busy_kernel_is_left_alone_unless_cull_busy() -> None:
     assert run(IdleTracker(600, 5, cull_busy=True), samples) == [(600, 600)]
 
 
-def test_unknown_samples_neither_stop_the_clock_nor_cull() -> None:
+def test_an_unknown_sample_stops_the_clock_and_never_culls() -> None:
+    """Only time known to be idle counts: a kernel idle, then unseen for an hour (the exporter down
+    while it trained, its pod restarting), is not culled at the first idle sample after."""
     tracker = IdleTracker(idle_timeout=600, threshold=5)
-    samples = [(0, seen(None)), (60, seen(0.0)), (300, seen(None)), (700, seen(None)), (720, seen(0.0))]
-    assert run(tracker, samples) == [(720, 660)]  # the clock started at the first idle sample, at 60
+    assert run(tracker, [(0, seen(None))]) == [] and tracker.idle_since("k1") is None  # unknown starts no clock
+    samples = [(60, seen(0.0)), (300, seen(None)), (700, seen(None)), (3660, seen(None))]
+    assert run(tracker, samples) == [] and tracker.idle_since("k1") is None
+    assert run(tracker, [(3720, seen(0.0))]) == [] and tracker.idle_since("k1") == 3720  # starts again here
+    assert run(tracker, [(4319, seen(0.0)), (4320, seen(0.0))]) == [(4320, 600)]
+    # one GPU of two unknown is an unknown sample too
+    tracker = IdleTracker(idle_timeout=600, threshold=5)
+    assert run(tracker, [(0, seen(0.0, 0.0)), (300, seen(0.0, None)), (600, seen(0.0, 0.0))]) == []
+    assert tracker.idle_since("k1") == 600
 
 
 def test_a_kernel_that_goes_away_is_forgotten() -> None:
@@ -330,12 +339,16 @@ def test_the_server_culls_a_kernel_whose_gpu_stays_idle_and_keeps_a_busy_one(
     (line,) = [r.getMessage() for r in caplog.records if "culling kernel" in r.getMessage()]
     assert idle["id"] in line and "of alice" in line and idle_gpu in line and "under 5%" in line and "10 min" in line
 
-    # carol's GPU goes idle; the exporter fails for a while: unknown is not idle, and stops no clock
+    # carol's GPU goes idle; the exporter fails for a while: unknown is not idle, and stops her clock
     mlops_exporter.values[busy_gpu] = 1.0
     assert call(culler.tick(now=2000.0)) == []
     mlops_exporter.status = 503
     assert call(culler.tick(now=2700.0)) == [] and busy["id"] in mkm.list_kernel_ids()
     assert any("cannot read dcgm-exporter at " + mlops_exporter.url in r.getMessage() for r in caplog.records)
+    (line,) = [r.getMessage() for r in caplog.records if "idle clock (" in r.getMessage()]
+    assert busy["id"] in line and "(11 min) stops" in line
     mlops_exporter.status = 200
-    assert call(culler.tick(now=2760.0)) == [busy["id"]]
+    assert call(culler.tick(now=2760.0)) == []  # her clock starts again here, not at 2000
+    assert call(culler.tick(now=3359.0)) == [] and busy["id"] in mkm.list_kernel_ids()
+    assert call(culler.tick(now=3360.0)) == [busy["id"]]
     assert set(mkm.list_kernel_ids()) == {cpu["id"]}

@@ -5,8 +5,8 @@ kernel left open in a browser tab is never idle to it, yet its GPUs, leased excl
 everyone else. :class:`GpuCuller` samples the utilisation of the GPUs running kernels hold, through
 the seam of :mod:`jupyter_mlops.kernels.gpu_activity` (``c.GpuCuller.source``), every ``interval``
 seconds, and shuts a kernel down through the server's kernel manager once every GPU it holds has
-stayed under ``threshold`` percent for ``idle_timeout`` seconds. Kernels without GPUs are never
-touched; open websockets protect no one.
+been seen under ``threshold`` percent at every sample for ``idle_timeout`` seconds. Kernels without
+GPUs are never touched; open websockets protect no one.
 
 The decision is :class:`IdleTracker`, a pure function of the samples, apart from the timer and the
 kernel manager. Its semantics:
@@ -14,10 +14,14 @@ kernel manager. Its semantics:
 * A sample is *idle* when the source knows every GPU the kernel holds and all are under the
   threshold; *active* when any GPU is at or over it, or the kernel is executing a cell (unless
   ``cull_busy``); otherwise *unknown*.
-* The idle clock starts at the first idle sample and stops at an active one. An unknown sample
-  (the exporter is down, a GPU it cannot see) neither stops the clock nor culls: a kernel is shut
-  down only at an idle sample at least ``idle_timeout`` after the clock started.
+* Only time known to be idle counts. The idle clock starts at an idle sample and stops at any
+  other: an active one, and an unknown one too (the exporter is down, a GPU it cannot see, a
+  kernel pod restarting), which never culls either. So a kernel that trained through an exporter
+  outage is not culled at the first idle sample after it; its clock starts there. A kernel is
+  shut down at an idle sample at least ``idle_timeout`` after its clock started.
 * A kernel seen for the first time (or again after a server restart) starts with no clock.
+* A sample is one moment (a utilisation gauge covers about the last second): "idle for
+  ``idle_timeout``" means "under the threshold at every sample over that time".
 """
 
 from __future__ import annotations
@@ -93,15 +97,12 @@ class IdleTracker:
         kept: dict[str, float] = {}
         culls = []
         for observation in observations:
-            state = self.classify(observation)
-            since = self._idle_since.get(observation.kernel_id)
-            if state == ACTIVE:
-                since = None
-            elif state == IDLE and since is None:
-                since = now
-            if state == IDLE and since is not None and now - since >= self.idle_timeout:
+            if self.classify(observation) != IDLE:  # active or unknown: its clock stops
+                continue
+            since = self._idle_since.get(observation.kernel_id, now)
+            if now - since >= self.idle_timeout:
                 culls.append(Cull(observation.kernel_id, now - since, observation.readings))
-            elif since is not None:
+            else:
                 kept[observation.kernel_id] = since
         self._idle_since = kept
         return culls
@@ -175,6 +176,12 @@ class GpuCuller(LoggingConfigurable):
                 self._report(self.activity.reason)
             observations = [Observation(h.kernel_id, h.gpus, tuple(readings.get(h.kernel_id, ())),
                                         busy=self._busy(h.kernel_id)) for h in holders.values()]
+            for observation in observations:  # once per clock lost, not once per unknown sample
+                since = self.tracker.idle_since(observation.kernel_id)
+                if since is not None and self.tracker.classify(observation) == UNKNOWN:
+                    self.log.info("mlops: GPU culler: kernel %s's GPUs cannot be read: its idle clock (%s) stops, "
+                                  "and starts again at its next idle sample", observation.kernel_id,
+                                  _duration(now - since))
             culled = []
             for cull in self.tracker.update(now, observations):
                 if await self._cull(holders[cull.kernel_id], cull):
@@ -260,7 +267,8 @@ class GpuCuller(LoggingConfigurable):
             if reason is None:
                 self.log.info("mlops: GPU culler: utilisation is readable again")
             else:
-                self.log.warning("mlops: GPU culler: %s; kernels whose GPUs are unknown are not culled", reason)
+                self.log.warning("mlops: GPU culler: %s; kernels whose GPUs are unknown are not culled, and "
+                                 "their idle clock starts at their next idle sample", reason)
             self._said = reason
 
 
