@@ -67,11 +67,26 @@ def test_parse_keeps_gpu_utilisation_and_refuses_blank_values() -> None:
     'DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-a" 3\n',
     'DCGM_FI_DEV_GPU_UTIL{gpu="0"} busy\n',
     'DCGM_FI_DEV_GPU_UTIL{gpu="0",gpu="1"} 3\n',
-    "<html>502 Bad Gateway</html>\n",
+    "DCGM_FI_DEV_GPU_UTIL\n",
+    "# TYPE DCGM_FI_DEV_GPU_UTIL\n",
 ])
-def test_parse_refuses_what_is_not_the_exposition_format(damaged: str) -> None:
+def test_parse_refuses_a_gpu_utilisation_line_that_is_not_the_exposition_format(damaged: str) -> None:
     with pytest.raises(ValueError):
         parse_utilisation(exporter_text({GPU_A: 1}) + damaged)
+
+
+def test_parse_reads_only_the_gpu_utilisation_lines() -> None:
+    """A damaged line of another metric, a page that is no exposition at all, the metric's name
+    inside another metric or a label value: none of it is GPU_UTIL, none of it makes a page unknown."""
+    unrelated = ['DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-a" 3', "DCGM_FI_DEV_GPU_TEMP{gpu=0} hot",
+                 "# TYPE DCGM_FI_DEV_GPU_TEMP", "<html>502 Bad Gateway</html>",
+                 'ALERTS{alertname="DCGM_FI_DEV_GPU_UTIL high"} 1', 'DCGM_FI_DEV_GPU_UTIL_AVG{gpu="0"} busy']
+    text = "\r\n".join(unrelated) + "\r\n" + exporter_text({GPU_A: 37, GPU_B: 2}) + "\n".join(unrelated)
+    assert [(labels["UUID"], value) for labels, value in parse_utilisation(text)] == [(GPU_A, 37.0), (GPU_B, 2.0)]
+    assert parse_utilisation("<html>502 Bad Gateway</html>\n") == []
+    # through a federating Prometheus: untyped, with timestamps
+    federated = '# TYPE DCGM_FI_DEV_GPU_UTIL untyped\nDCGM_FI_DEV_GPU_UTIL{UUID="GPU-a",instance="n1"} 4 1700000000000\n'
+    assert parse_utilisation(federated) == [({"UUID": "GPU-a", "instance": "n1"}, 4.0)]
 
 
 def test_readings_of_a_local_kernel_go_by_the_uuids_of_its_lease() -> None:
@@ -111,6 +126,45 @@ def test_sources_are_chosen_by_name() -> None:
         activity_from_config("prometheus")
     with pytest.raises(ConfigError, match="at least one dcgm-exporter URL"):
         activity_from_config("dcgm", dcgm_urls=[])
+
+
+def test_dcgm_says_which_endpoint_and_which_kernel_it_cannot_read(mlops_exporter: Exporter) -> None:
+    """Against the exporter stand-in on loopback: what cannot be read is named, and a sample that
+    can read everything clears the reason."""
+    local = GpuHolder("k1", "alice", 2, uuids=(GPU_A, GPU_B))
+    pod = GpuHolder("k2", "carol", 1, namespace="mlops-carol", pod="kernel-2")
+    mlops_exporter.values = {GPU_A: 3.0, "GPU-c": 0.0}
+    mlops_exporter.pods = {"GPU-c": ("mlops-carol", "kernel-2")}
+    source = DcgmActivity([mlops_exporter.url])
+    assert asyncio.run(source.sample([local, pod])) == {
+        "k1": (GpuReading(GPU_A, 3.0), GpuReading(GPU_B, None)), "k2": (GpuReading("GPU-c", 0.0),)}
+    assert source.reason == (f"no DCGM_FI_DEV_GPU_UTIL series of kernel k1's GPU {GPU_B} at the endpoints that "
+                             "answered (is its node's dcgm-exporter among c.GpuCuller.dcgm_urls? a MIG instance?)")
+
+    # a kernel pod on a node whose exporter is not among the URLs
+    mlops_exporter.values = {GPU_A: 3.0, GPU_B: 1.0}
+    assert asyncio.run(source.sample([local, pod]))["k2"] == ()
+    assert source.reason is not None and "of kernel pod mlops-carol/kernel-2 (kernel k2) at the endpoints" in source.reason
+    assert asyncio.run(source.sample([local])) and source.reason is None
+
+    # a page of no exposition at all, a damaged GPU_UTIL line whose parser error has no words
+    mlops_exporter.body = "<html>502 Bad Gateway</html>\n"
+    asyncio.run(source.sample([local]))
+    assert source.reason is not None and f"no DCGM_FI_DEV_GPU_UTIL series at {mlops_exporter.url} (" in source.reason
+    mlops_exporter.body = exporter_text({GPU_A: 3.0, GPU_B: 1.0}) + "# TYPE DCGM_FI_DEV_GPU_UTIL\n"
+    assert asyncio.run(source.sample([local])) == {"k1": (GpuReading(GPU_A, None), GpuReading(GPU_B, None))}
+    assert source.reason is not None and source.reason.startswith(
+        f"cannot read dcgm-exporter at {mlops_exporter.url}: its DCGM_FI_DEV_GPU_UTIL lines are not Prometheus "
+        "text (a line cannot be parsed)")
+
+
+def test_dcgm_reads_the_gpus_of_a_page_with_a_damaged_unrelated_metric(mlops_exporter: Exporter) -> None:
+    mlops_exporter.body = ('DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-a" 3\n'
+                           + exporter_text({GPU_A: 3.0, GPU_B: 80.0}) + "DCGM_FI_DEV_GPU_TEMP{gpu=0} hot\n")
+    source = DcgmActivity([mlops_exporter.url])
+    assert asyncio.run(source.sample([GpuHolder("k1", "alice", 2, uuids=(GPU_A, GPU_B))])) == {
+        "k1": (GpuReading(GPU_A, 3.0), GpuReading(GPU_B, 80.0))}
+    assert source.reason is None
 
 
 def test_nvml_says_why_it_cannot_read() -> None:
@@ -250,16 +304,20 @@ def test_kernels_are_decided_each_on_their_own() -> None:
 # --- a real server -----------------------------------------------------------------------------
 
 class Exporter:
-    """A dcgm-exporter stand-in on loopback: serves :func:`exporter_text` of ``values``, or ``status``."""
+    """A dcgm-exporter stand-in on loopback: serves :func:`exporter_text` of ``values`` and ``pods``
+    (or ``body`` as it is), or ``status``."""
 
     def __init__(self) -> None:
         self.values: dict[str, float] = {}
+        self.pods: dict[str, tuple[str, str]] = {}
+        self.body: str | None = None  # served as it is, instead of the values
         self.status = 200
         exporter = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                body = exporter_text(exporter.values).encode() if exporter.status == 200 else b"down"
+                text = exporter.body if exporter.body is not None else exporter_text(exporter.values, exporter.pods)
+                body = text.encode() if exporter.status == 200 else b"down"
                 self.send_response(exporter.status)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))

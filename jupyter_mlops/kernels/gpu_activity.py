@@ -101,21 +101,42 @@ class DcgmActivity(GpuActivity):
         return self._reason
 
     async def sample(self, holders: Sequence[GpuHolder]) -> dict[str, tuple[GpuReading, ...]]:
-        texts = await asyncio.gather(*(self._scrape(url) for url in self.urls))
+        read = await asyncio.gather(*(self._read(url) for url in self.urls))
         series: list[tuple[dict[str, str], float | None]] = []
-        failed = []
-        for url, (text, error) in zip(self.urls, texts):
-            if error is None:
-                try:
-                    series.extend(parse_utilisation(text))
-                    continue
-                except ValueError as e:
-                    error = f"not Prometheus text ({e or 'a line cannot be parsed'})"
-            failed.append(f"{url}: {error}")
-        self._reason = "cannot read dcgm-exporter at " + "; ".join(failed) if failed else None
-        return {h.kernel_id: readings_of(h, series) for h in holders}
+        failed, empty = [], []
+        for url, (found, error) in zip(self.urls, read):
+            if error is not None:
+                failed.append(f"{url}: {error}")
+            elif not found:
+                empty.append(url)
+            series.extend(found)
+        readings = {h.kernel_id: readings_of(h, series) for h in holders}
+        exported = {labels.get("UUID") for labels, _ in series}
+        unseen = [u for u in (_unseen(h, readings[h.kernel_id], exported) for h in holders) if u]
+        reasons = []
+        if failed:
+            reasons.append("cannot read dcgm-exporter at " + "; ".join(failed))
+        if empty:
+            reasons.append(f"no {DCGM_METRIC} series at " + ", ".join(empty)
+                           + " (not a dcgm-exporter, or MIG instances only?)")
+        if unseen:
+            reasons.append(f"no {DCGM_METRIC} series of " + "; ".join(unseen) + " at the endpoints that answered "
+                           "(is its node's dcgm-exporter among c.GpuCuller.dcgm_urls? a MIG instance?)")
+        self._reason = "; ".join(reasons) or None
+        return readings
 
-    async def _scrape(self, url: str) -> tuple[str, str | None]:
+    async def _read(self, url: str) -> tuple[list[tuple[dict[str, str], float | None]], str | None]:
+        """The utilisation series of one endpoint, or why there are none. Decoded and parsed in a
+        thread: a federating Prometheus serves megabytes, which must not stall the server's loop."""
+        body, error = await self._scrape(url)
+        if error is not None:
+            return [], error
+        try:
+            return await asyncio.to_thread(_parse_body, body), None
+        except Exception as e:  # ValueError from the parser; anything else it raises on odd text too
+            return [], f"its {DCGM_METRIC} lines are not Prometheus text ({str(e) or 'a line cannot be parsed'})"
+
+    async def _scrape(self, url: str) -> tuple[bytes, str | None]:
         """The body, or why there is none. tornado's client: no proxy variables reroute a
         node-local exporter, and no thread is held while waiting."""
         from tornado.httpclient import AsyncHTTPClient
@@ -124,27 +145,65 @@ class DcgmActivity(GpuActivity):
         try:
             response = await client.fetch(url, request_timeout=self.timeout, raise_error=True)
         except Exception as e:  # refused, timed out, an HTTP error status: this endpoint is unknown
-            return "", str(e) or type(e).__name__
+            return b"", str(e) or type(e).__name__
         finally:
             client.close()
-        return response.body.decode("utf-8", "replace"), None
+        return response.body, None
+
+
+def _parse_body(body: bytes) -> list[tuple[dict[str, str], float | None]]:
+    return parse_utilisation(body.decode("utf-8", "replace"))
+
+
+def _unseen(holder: GpuHolder, readings: Sequence[GpuReading], exported: set[str | None]) -> str | None:
+    """What of ``holder`` no series names (None: each of its GPUs is in one): a local kernel's
+    UUIDs not exported, a kernel pod that fewer series name than it holds GPUs."""
+    if holder.uuids:
+        missing = [uuid for uuid in holder.uuids if uuid not in exported]
+        return f"kernel {holder.kernel_id}'s GPU {', '.join(missing)}" if missing else None
+    if holder.pod is not None and len(readings) < holder.gpus:
+        found = f", {len(readings)} of its {holder.gpus} GPUs found" if readings else ""
+        return f"kernel pod {holder.namespace}/{holder.pod} (kernel {holder.kernel_id}{found})"
+    return None
 
 
 def parse_utilisation(text: str) -> list[tuple[dict[str, str], float | None]]:
     """The ``DCGM_FI_DEV_GPU_UTIL`` series of a Prometheus text exposition: (labels, percent or None).
 
-    Raises ValueError for text that is not the exposition format (a whole scrape is then unknown:
-    reading half of a damaged page could call a busy GPU idle). prometheus_client comes with
-    jupyter_server, which exports its own metrics with it.
+    Only the metric's own lines (its samples, its ``# TYPE`` and ``# HELP``) are parsed: a damaged
+    line of another metric changes nothing, and a page of megabytes costs a scan, not a parse in
+    Python. Raises ValueError when one of those lines is not the exposition format (the whole
+    endpoint is then unknown: reading half of a damaged series could call a busy GPU idle).
+    prometheus_client comes with jupyter_server, which exports its own metrics with it.
     """
     from prometheus_client.parser import text_string_to_metric_families
 
     found = []
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families("\n".join(_lines_of(text, DCGM_METRIC))):
         for sample in family.samples:
             if sample.name == DCGM_METRIC:
                 found.append((dict(sample.labels), _percent(sample.value)))
     return found
+
+
+def _lines_of(text: str, metric: str) -> list[str]:
+    """The lines of ``text`` that belong to ``metric``: its samples (damaged or not) and its
+    ``# TYPE``/``# HELP`` comments. Found with ``str.find``, so a long page is never walked line
+    by line."""
+    kept = []
+    at = text.find(metric)
+    while at != -1:
+        start, end = text.rfind("\n", 0, at) + 1, text.find("\n", at)
+        end = len(text) if end == -1 else end
+        line = text[start:end].strip()
+        if line.startswith("#"):
+            words = line.split(None, 3)  # as the parser splits a comment: "#", TYPE or HELP, the name, the rest
+            if len(words) >= 3 and words[1] in ("TYPE", "HELP") and words[2] == metric:
+                kept.append(line)
+        elif line.startswith(metric) and line[len(metric):len(metric) + 1] in ("{", " ", "\t", ""):
+            kept.append(line)  # not DCGM_FI_DEV_GPU_UTIL_SOMETHING, nor the name inside a label value
+        at = text.find(metric, end)
+    return kept
 
 
 def readings_of(holder: GpuHolder, series: Sequence[tuple[Mapping[str, str], float | None]]
