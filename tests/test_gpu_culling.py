@@ -182,6 +182,17 @@ def test_nvml_says_why_it_cannot_read() -> None:
         assert found == {"k1": (GpuReading(GPU_A, None),)} and GPU_A in (source.reason or "")
 
 
+def test_nvml_names_the_kernel_pods_it_cannot_see_and_keeps_no_stale_reason() -> None:
+    source = NvmlActivity()
+    asyncio.run(source.sample([GpuHolder("k1", "alice", 1, uuids=(GPU_A,))]))
+    assert source.reason is not None  # no nvidia-ml-py, no driver, or no such GPU here
+    assert asyncio.run(source.sample([])) == {} and source.reason is None
+    pod = GpuHolder("k2", "carol", 1, namespace="mlops-carol", pod="kernel-2")
+    assert asyncio.run(source.sample([pod])) == {}
+    assert source.reason == ("nvml reads this machine's GPUs only, not those of kernel pod mlops-carol/kernel-2 "
+                             "(source dcgm reads them)")
+
+
 def test_culler_settings_are_checked() -> None:
     for bad in ({"threshold": 0.0}, {"threshold": 101.0}, {"interval": 0.0}, {"idle_timeout": -1.0}):
         with pytest.raises(ConfigError, match="GpuCuller"):

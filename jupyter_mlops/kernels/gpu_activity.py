@@ -8,6 +8,9 @@ nvidia-ml-py; ``none`` reads nothing (culling by GPU idleness is off). Other kin
 
 A source never guesses: a GPU it cannot see, a scrape that failed, a value outside 0-100 (DCGM's
 "blank" values are huge numbers) is ``None``, unknown, and the culler never counts unknown as idle.
+Why is in :attr:`GpuActivity.reason`, including kernels a source cannot see at all (a kernel pod
+whose node's exporter is not among the URLs, a kernel pod asked of ``nvml``), so that a kernel
+never culled is never a silent one.
 """
 
 from __future__ import annotations
@@ -241,9 +244,13 @@ class NvmlActivity(GpuActivity):
 
     async def sample(self, holders: Sequence[GpuHolder]) -> dict[str, tuple[GpuReading, ...]]:
         local = [h for h in holders if h.uuids]
-        if not local:
-            return {}
-        found, self._reason = await asyncio.to_thread(_read_nvml, local)
+        elsewhere = [f"{h.namespace}/{h.pod}" if h.pod else h.kernel_id for h in holders if not h.uuids]
+        found, reason = await asyncio.to_thread(_read_nvml, local) if local else ({}, None)
+        reasons = [reason] if reason else []
+        if elsewhere:
+            reasons.append("nvml reads this machine's GPUs only, not those of kernel pod " + ", ".join(elsewhere)
+                           + " (source dcgm reads them)")
+        self._reason = "; ".join(reasons) or None
         return found
 
 
