@@ -11,6 +11,9 @@ A source never guesses: a GPU it cannot see, a scrape that failed, a value outsi
 Why is in :attr:`GpuActivity.reason`, including kernels a source cannot see at all (a kernel pod
 whose node's exporter is not among the URLs, a kernel pod asked of ``nvml``), so that a kernel
 never culled is never a silent one.
+
+A reading is one moment: ``DCGM_FI_DEV_GPU_UTIL`` and NVML's utilisation cover about the last
+second, not the time since the previous sample.
 """
 
 from __future__ import annotations
