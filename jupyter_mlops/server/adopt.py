@@ -107,7 +107,8 @@ async def release_kernel_pods(mkm: Any) -> list[str]:
             continue
         mkm.stop_watching_activity(kernel_id)
         km.stop_restarter()
-        await provisioner.release()
+        await provisioner.release()  # from here its cleanup leaves the pod alone
+        await km.cleanup_resources(restart=False)  # its sockets: open ones keep the process from exiting
         mkm.remove_kernel(kernel_id)
         mkm._kernel_connections.pop(kernel_id, None)
         mkm._kernel_ports.pop(kernel_id, None)
