@@ -45,5 +45,8 @@ def test_running_and_progress() -> None:
 def test_the_kernel_pod_builds_its_connection_from_its_environment() -> None:
     info = connection_info({"MLOPS_KERNEL_KEY": "k", "MLOPS_POD_IP": "10.1.2.3",
                             "MLOPS_KERNEL_PORTS": json.dumps({"shell": 52001, "hb": 52005})})
-    assert info == {"ip": "10.1.2.3", "transport": "tcp", "key": "k", "signature_scheme": "hmac-sha256",
+    # every address of the pod: its IP for the server, localhost for a port-forward
+    assert info == {"ip": "0.0.0.0", "transport": "tcp", "key": "k", "signature_scheme": "hmac-sha256",
                     "kernel_name": "", "shell_port": 52001, "hb_port": 52005}
+    assert connection_info({"MLOPS_KERNEL_KEY": "k", "MLOPS_KERNEL_PORTS": "{}", "MLOPS_KERNEL_BIND": "127.0.9.2"}
+                           )["ip"] == "127.0.9.2"

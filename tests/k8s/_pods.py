@@ -202,6 +202,9 @@ class PodRun:
             raise ConfigError("pod is gone")
         env = dict(self.kubelet.base_env)
         env["HOSTNAME"] = self.name
+        # no network namespace per pod here: a kernel pod binds its pod IP, not every address (see
+        # jupyter_mlops/k8s/kernel_entry.py); the pod IP is then also its "localhost" for port-forward
+        env["MLOPS_KERNEL_BIND"] = self.ip
         env.setdefault("HOME", str(self.sandbox))
         for source in c.spec.get("envFrom") or []:
             prefix = source.get("prefix", "")
