@@ -15,11 +15,18 @@ outage is said in one warning line; ZeroMQ reconnects every 100 ms, so the rest 
 the pod answers again. What is expected goes to debug as well: a port refused before the kernel in a
 new pod listens on it, and anything between :meth:`PortForward.expect_down` (a shutdown or restart)
 and :meth:`PortForward.pod_started`.
+
+While the pod is away (gone, restarting, the API failing), each further connection waits before it
+asks the API again, 0.1 s doubling up to 5 s, and :meth:`PortForward.pod_started` ends the wait:
+ZeroMQ's own reconnects would otherwise cost the API server ten WebSocket upgrades a second per
+socket. The WebSockets send pings every 30 s, so a connection an idle load balancer dropped is
+noticed and reconnected instead of silently losing a kernel's output.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -34,6 +41,8 @@ log = logging.getLogger("jupyter_mlops.k8s")
 
 DATA, ERROR = 0, 1  # the channels of a WebSocket's one port
 CHUNK = 64 * 1024
+HEARTBEAT = 30.0  # seconds between WebSocket pings
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0  # seconds a connection waits after a failure, doubling
 
 
 def wants_port_forward(connect: str) -> bool:
@@ -64,11 +73,13 @@ class PortForward:
         self._answered: set[int] = set()  # ports the pod sent data on since it started: its kernel listens
         self._going = False  # from expect_down() to pod_started(): the pod is away on purpose
         self._warned = False  # this outage has been said; the rest of it goes to debug
+        self._backoff = 0.0  # seconds the next connection waits before asking the API (0: none)
+        self._wake = asyncio.Event()  # set (and replaced) by pod_started(): waiting connections go at once
 
     async def start(self) -> dict[int, int]:
         from kubernetes_asyncio.stream import WsApiClient
 
-        self._ws_api = WsApiClient(configuration=self.configuration)
+        self._ws_api = WsApiClient(configuration=self.configuration, heartbeat=HEARTBEAT)
         try:
             for port in self.remote_ports:
                 server = await asyncio.start_server(functools.partial(self._accepted, port), "127.0.0.1", 0)
@@ -88,6 +99,9 @@ class PortForward:
         """A pod of this name runs (again): its kernel may not listen yet, but a pod gone is news."""
         self._answered.clear()
         self._going = self._warned = False
+        self._backoff = 0.0
+        self._wake.set()
+        self._wake = asyncio.Event()
 
     async def close(self) -> None:
         self._closing = True  # a connection accepted from now on is closed at once
@@ -111,6 +125,9 @@ class PortForward:
             return
         self._relays.add(task)
         try:
+            if self._backoff:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._backoff)
             failure = await self._relay(port, reader, writer)
         except asyncio.CancelledError:  # close(): ending quietly, as asyncio logs a cancelled handler as an error
             failure = None
@@ -121,6 +138,8 @@ class PortForward:
             writer.close()  # ZeroMQ sees the connection drop and reconnects
         if failure:
             self._say(port, *failure)
+            if not self._booting(port, failure[1]):
+                self._backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._backoff * 2))
 
     async def _relay(self, port: int, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> tuple[str, bool] | None:
@@ -147,13 +166,14 @@ class PortForward:
 
     @staticmethod
     async def _upstream(reader: asyncio.StreamReader, ws: Any) -> None:
-        """Local -> pod until the local side closes; then the WebSocket goes too."""
+        """Local -> pod until the local side closes; then the WebSocket goes too (whatever ended it)."""
         try:
             while chunk := await reader.read(CHUNK):
                 await ws.send_bytes(bytes([DATA]) + chunk)
         except ConnectionError:
             pass
-        await ws.close()
+        finally:
+            await ws.close()
 
     async def _downstream(self, port: int, ws: Any, writer: asyncio.StreamWriter) -> tuple[str, bool] | None:
         """Pod -> local until the WebSocket ends; a failure as :meth:`_relay` says it."""
@@ -161,6 +181,8 @@ class PortForward:
 
         prefixed: set[int] = set()  # channels whose leading port number was read
         async for msg in ws:
+            if msg.type == WSMsgType.ERROR:  # no pong within a heartbeat, a frame over the limit
+                return f"the WebSocket failed: {ws.exception() or 'no reason given'}", False
             if msg.type != WSMsgType.BINARY or not msg.data:
                 continue
             channel, payload = msg.data[0], msg.data[1:]
@@ -174,6 +196,7 @@ class PortForward:
             if channel == DATA and payload:
                 self._answered.add(port)
                 self._warned = False
+                self._backoff = 0.0
                 try:
                     writer.write(payload)
                     await writer.drain()
@@ -181,9 +204,13 @@ class PortForward:
                     return None
         return None
 
+    def _booting(self, port: int, by_pod: bool) -> bool:
+        """A refusal by a running pod whose kernel has not listened on ``port`` yet: it starts."""
+        return by_pod and not self._going and port not in self._answered
+
     def _say(self, port: int, failure: str, by_pod: bool) -> None:
         namespace, pod = self.target
-        expected = self._going or (by_pod and port not in self._answered)  # away, or not listening yet
+        expected = self._going or self._booting(port, by_pod)  # away, or not listening yet
         level = logging.DEBUG if expected or self._warned else logging.WARNING
         self._warned = self._warned or level == logging.WARNING
         log.log(level, "port-forward to %s/%s port %d failed: %s", namespace, pod, port, failure)

@@ -120,10 +120,14 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                                     **{f"{c}_port": p for c, p in manifests.KERNEL_PORTS.items()}}
             if self._port_forward:
                 self.connection_info.update(await self._forwarded())
-        except BaseException:  # nothing of a kernel that never ran stays behind
-            await self._delete(grace=0)
-            await self.cleanup()
-            raise
+        except BaseException as failure:  # nothing of a kernel that never ran stays behind
+            try:
+                await self._delete(grace=0)
+                await self.cleanup()
+            except Exception as e:  # the start's own failure is the news; this one is said beside it
+                log.warning("kernel pod %s/%s: cleaning up after a failed start: %s", self.namespace,
+                            self.pod_name, e)
+            raise failure
         return self.connection_info
 
     def hand_over(self, user: str) -> None:
@@ -184,21 +188,24 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         so a restart can make the next one under the same name; the Secret and the record go
         unless restarting."""
         cluster = self._cluster
-        if cluster is not None and self.namespace and self.pod_name:
-            if not self._deleted:  # kill() has asked already on a forced shutdown
-                await self._delete(grace=0)
-            self._deleted = False
-            try:
-                await cluster.pods.wait_for(self.namespace, self.pod_name, lambda p: p is None, timeout=60)
-            except asyncio.TimeoutError:
-                log.warning("kernel pod %s/%s is still there a minute after its deletion", self.namespace,
-                            self.pod_name)
-            cluster.forget(self.namespace, self.pod_name)
-            if not restart and self.secret_name:
-                await self._ignore_missing(cluster.core.delete_namespaced_secret(self.secret_name, self.namespace))
-        if not restart:  # a restart re-creates the pod under the same name: the forward reaches it
-            await self._close_forward()
-            KERNELS.remove(self.kernel_id)
+        try:
+            if cluster is not None and self.namespace and self.pod_name:
+                if not self._deleted:  # kill() has asked already on a forced shutdown
+                    await self._delete(grace=0)
+                self._deleted = False
+                try:
+                    await cluster.pods.wait_for(self.namespace, self.pod_name, lambda p: p is None, timeout=60)
+                except asyncio.TimeoutError:
+                    log.warning("kernel pod %s/%s is still there a minute after its deletion", self.namespace,
+                                self.pod_name)
+                cluster.forget(self.namespace, self.pod_name)
+                if not restart and self.secret_name:
+                    await self._ignore_missing(cluster.core.delete_namespaced_secret(self.secret_name,
+                                                                                     self.namespace))
+        finally:  # the API failing must not leak the local listeners or the user's record
+            if not restart:  # a restart re-creates the pod under the same name: the forward reaches it
+                await self._close_forward()
+                KERNELS.remove(self.kernel_id)
 
     async def release(self) -> None:
         """This server lets go of the kernel without stopping it (it stops; the next one re-adopts
