@@ -367,3 +367,34 @@ def test_servers_sharing_a_cluster_leave_each_others_kernel_pods_alone(cluster: 
             await mkm.shutdown_kernel(kernels[server], now=True)
 
     cluster(body)
+
+
+def test_a_kernel_that_cannot_be_restarted_leaves_nothing(cluster: Any, k8s_config: Config, tmp_path: Path) -> None:
+    k8s_config.KernelRestarter.restart_limit = 0  # the first death is the last
+    k8s_config.KernelRestarter.time_to_dead = 0.2
+
+    async def body(api: Any, kubelet: Any) -> None:
+        from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+        from jupyter_mlops.k8s.client import cluster_for
+        from jupyter_mlops.k8s.settings import KubernetesSettings
+
+        mkm = AsyncMappingKernelManager(config=k8s_config, root_dir=str(tmp_path))
+        kernel_id = await mkm.start_kernel(kernel_name="mlops-demo-small", mlops_user="lee")
+        provisioner = mkm.get_kernel(kernel_id).provisioner
+        where = (provisioner.namespace, provisioner.pod_name)
+        client = mkm.get_kernel(kernel_id).client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=30)
+        client.execute("import os; os._exit(3)")
+        client.stop_channels()
+        # jupyter_server's restarter gives up and forgets the kernel; the pod, Secret and record go too
+        shared = await cluster_for(KubernetesSettings(config=k8s_config))
+        await shared.pods.wait_for(*where, lambda p: p is None, timeout=60)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while KERNELS.get(kernel_id) is not None and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # the cleanup's last step, after the pod is gone
+        assert KERNELS.get(kernel_id) is None and kernel_id not in mkm.list_kernel_ids()
+
+    cluster(body)

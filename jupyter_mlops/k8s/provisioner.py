@@ -48,6 +48,7 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _settings: Any = None
     _status: str = ""  # what the start is doing now (pulling an image...), for a frontend
     _deleted = False  # kill() asked for the pod's deletion; cleanup() need not ask again
+    _watching_death = False  # _died_for_good is the manager's "dead" restart callback
     _port_forward = False  # c.Kubernetes.connect resolved: reach the pod through the API server
     _forward: Any = None  # the PortForward while there is one
 
@@ -129,6 +130,21 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                             self.pod_name, e)
             raise failure
         return self.connection_info
+
+    async def post_launch(self, **kwargs: Any) -> None:
+        await super().post_launch(**kwargs)
+        if not self._watching_death and self.parent is not None:  # once: the manager is the same on restarts
+            self.parent.add_restart_callback(self._died_for_good, "dead")
+            self._watching_death = True
+
+    def _died_for_good(self) -> None:
+        """The restarter gave up (every restart failed): jupyter_server forgets the kernel without a
+        shutdown, so its pod, Secret, port-forward and record would stay: clean them up here."""
+        log.warning("kernel %s: its pod %s/%s died and could not be restarted; deleting what is left of it",
+                    self.kernel_id, self.namespace, self.pod_name)
+        task = asyncio.ensure_future(self.cleanup(restart=False))
+        task.add_done_callback(lambda t: t.exception() and log.warning(
+            "kernel %s: cleaning up after its death failed: %s", self.kernel_id, t.exception()))
 
     def hand_over(self, user: str) -> None:
         """A pooled kernel pod claimed by ``user``: theirs in the registry at once, and in the pod's
