@@ -369,18 +369,27 @@ def test_servers_sharing_a_cluster_leave_each_others_kernel_pods_alone(cluster: 
     cluster(body)
 
 
-def test_a_kernel_that_cannot_be_restarted_leaves_nothing(cluster: Any, k8s_config: Config, tmp_path: Path) -> None:
+@pytest.mark.parametrize("origin", ["started", "re-adopted"])
+def test_a_kernel_that_cannot_be_restarted_leaves_nothing(cluster: Any, k8s_config: Config, tmp_path: Path,
+                                                          origin: str) -> None:
     k8s_config.KernelRestarter.restart_limit = 0  # the first death is the last
     k8s_config.KernelRestarter.time_to_dead = 0.2
 
     async def body(api: Any, kubelet: Any) -> None:
         from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 
+        from jupyter_mlops.k8s import client as k8s_client
         from jupyter_mlops.k8s.client import cluster_for
         from jupyter_mlops.k8s.settings import KubernetesSettings
+        from jupyter_mlops.server.adopt import readopt_kernel_pods, release_kernel_pods
 
         mkm = AsyncMappingKernelManager(config=k8s_config, root_dir=str(tmp_path))
         kernel_id = await mkm.start_kernel(kernel_name="mlops-demo-small", mlops_user="lee")
+        if origin == "re-adopted":  # a server restart in between: the next one must watch it die too
+            await release_kernel_pods(mkm)
+            await k8s_client.close_clusters()
+            mkm = AsyncMappingKernelManager(config=k8s_config, root_dir=str(tmp_path))
+            assert (await readopt_kernel_pods(mkm, KubernetesSettings(config=k8s_config)))[0] == [kernel_id]
         provisioner = mkm.get_kernel(kernel_id).provisioner
         where = (provisioner.namespace, provisioner.pod_name)
         client = mkm.get_kernel(kernel_id).client()
@@ -396,5 +405,8 @@ def test_a_kernel_that_cannot_be_restarted_leaves_nothing(cluster: Any, k8s_conf
         while KERNELS.get(kernel_id) is not None and loop.time() < deadline:
             await asyncio.sleep(0.05)  # the cleanup's last step, after the pod is gone
         assert KERNELS.get(kernel_id) is None and kernel_id not in mkm.list_kernel_ids()
+        # jupyter_server forgets a dead kernel without closing its activity stream: as the server
+        # process's end would, close what its manager still holds
+        mkm.context.destroy(linger=0)
 
     cluster(body)

@@ -133,7 +133,12 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def post_launch(self, **kwargs: Any) -> None:
         await super().post_launch(**kwargs)
-        if not self._watching_death and self.parent is not None:  # once: the manager is the same on restarts
+        self.watch_for_death()
+
+    def watch_for_death(self) -> None:
+        """Clean up should the manager's restarter give up on the kernel (:meth:`_died_for_good`);
+        once: the manager is the same on restarts. Its restarter must be running."""
+        if not self._watching_death and self.parent is not None:
             self.parent.add_restart_callback(self._died_for_good, "dead")
             self._watching_death = True
 
@@ -142,7 +147,9 @@ class MlopsKubernetesProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         shutdown, so its pod, Secret, port-forward and record would stay: clean them up here."""
         log.warning("kernel %s: its pod %s/%s died and could not be restarted; deleting what is left of it",
                     self.kernel_id, self.namespace, self.pod_name)
-        task = asyncio.ensure_future(self.cleanup(restart=False))
+        # the manager's cleanup closes its sockets too (open ones keep the process from exiting), then ours
+        task = asyncio.ensure_future(self.parent.cleanup_resources(restart=False) if self.parent is not None
+                                     else self.cleanup(restart=False))
         task.add_done_callback(lambda t: t.exception() and log.warning(
             "kernel %s: cleaning up after its death failed: %s", self.kernel_id, t.exception()))
 

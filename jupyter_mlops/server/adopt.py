@@ -85,7 +85,9 @@ async def readopt_kernel_pods(mkm: Any, settings: Any) -> tuple[list[str], list[
                       "profile": notes.get(manifests.LABEL_PROFILE, "")}})
         km.provisioner = provisioner
         km.load_connection_info(provisioner.connection_info)  # the pod's, or its new port-forward's
-        adopt_kernel(mkm, km)
+        km.start_restarter()  # a pod that dies is restarted, as one this server started would be; first,
+        adopt_kernel(mkm, km)  # or the manager's callback for a kernel that cannot be is dropped
+        provisioner.watch_for_death()
         adopted.append(kernel_id)
         log.info("re-adopted kernel %s of %s (pod %s/%s)", kernel_id, notes.get(manifests.LABEL_USER), namespace, name)
     return adopted, deleted
