@@ -9,11 +9,12 @@ need the emulator's failure injection skip. docs/kubernetes.md says how to run i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 from traitlets.config import Config
@@ -250,18 +251,27 @@ def test_the_shared_watch_resumes_after_disconnects_and_relists_after_410(cluste
     cluster(body)
 
 
+@contextlib.asynccontextmanager
+async def warm_pod_pool(config: Config, root: Path) -> AsyncIterator[tuple[Any, Any]]:
+    """(kernel manager, WarmPools) with one demo/small kernel pod ready; the pool stopped after."""
+    from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+
+    from jupyter_mlops.server.pools import WarmPools
+
+    config.WarmPools.sizes = {"demo/small": 1}
+    config.WarmPools.refill_delay = 0.0
+    mkm = AsyncMappingKernelManager(config=config, root_dir=str(root))
+    pools = WarmPools(mkm, config=config)
+    try:
+        assert await pools.wait_ready(60)
+        yield mkm, pools
+    finally:
+        await pools.stop()
+
+
 def test_a_warm_pod_pool_hands_a_running_kernel_pod_to_one_user(cluster: Any, k8s_config: Config, tmp_path: Path) -> None:
     async def body(api: Any, kubelet: Any) -> None:
-        from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-
-        from jupyter_mlops.server.pools import WarmPools
-
-        k8s_config.WarmPools.sizes = {"demo/small": 1}
-        k8s_config.WarmPools.refill_delay = 0.0
-        mkm = AsyncMappingKernelManager(config=k8s_config, root_dir=str(tmp_path))
-        pools = WarmPools(mkm, config=k8s_config)
-        try:
-            assert await pools.wait_ready(60)
+        async with warm_pod_pool(k8s_config, tmp_path) as (mkm, pools):
             kernel_id = await pools.claim("demo", "small", "frank")
             assert kernel_id in mkm.list_kernel_ids()
             km = mkm.get_kernel(kernel_id)
@@ -279,8 +289,6 @@ def test_a_warm_pod_pool_hands_a_running_kernel_pod_to_one_user(cluster: Any, k8
             assert await pools.wait_ready(60)  # refilled with another pod, never this one again
             assert [p["ready"] for p in pools.status()] == [1]
             await mkm.shutdown_kernel(kernel_id, now=True)
-        finally:
-            await pools.stop()
 
     cluster(body)
 

@@ -20,7 +20,7 @@ from jupyter_mlops.kernels.registry import KERNELS
 from jupyter_mlops.k8s.portforward import PortForward, wants_port_forward
 
 from .k8s.emulator import running_cluster
-from .test_k8s_kernels import _run, _start, cluster, k8s_config  # noqa: F401  (fixtures)
+from .test_k8s_kernels import _run, _start, cluster, k8s_config, warm_pod_pool  # noqa: F401  (fixtures)
 
 pytest.importorskip("kubernetes_asyncio")
 
@@ -149,16 +149,7 @@ def test_a_restarted_server_re_adopts_a_kernel_pod_through_a_new_forward(
 def test_a_pooled_kernel_is_forwarded_when_started_not_when_claimed(
         cluster: Any, mlops_forwarded: Config, tmp_path: Path) -> None:  # noqa: F811
     async def body(api: Any, kubelet: Any) -> None:
-        from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-
-        from jupyter_mlops.server.pools import WarmPools
-
-        mlops_forwarded.WarmPools.sizes = {"demo/small": 1}
-        mlops_forwarded.WarmPools.refill_delay = 0.0
-        mkm = AsyncMappingKernelManager(config=mlops_forwarded, root_dir=str(tmp_path))
-        pools = WarmPools(mkm, config=mlops_forwarded)
-        try:
-            assert await pools.wait_ready(60)
+        async with warm_pod_pool(mlops_forwarded, tmp_path) as (mkm, pools):
             [(_, pooled, _)] = pools._pools["demo/small"].ready
             forward = pooled.provisioner._forward
             assert forward is not None  # set up as the pod started; the warm-up went through it
@@ -168,8 +159,6 @@ def test_a_pooled_kernel_is_forwarded_when_started_not_when_claimed(
             assert (await _run(km, "print('claimed')")).strip() == "claimed"
             assert await pools.wait_ready(60)  # refilled, its own forward
             await mkm.shutdown_kernel(kernel_id, now=True)
-        finally:
-            await pools.stop()
 
     cluster(body)
 
