@@ -124,6 +124,24 @@ async def _run(km: Any, code: str, timeout: float = 30) -> str:
         client.stop_channels()
 
 
+async def interrupt_a_sleeping_cell(km: Any) -> None:
+    """Interrupt a cell that sleeps a minute: it must end at once with KeyboardInterrupt."""
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=30)
+        sleeping = asyncio.Event()
+        running = asyncio.ensure_future(client.execute_interactive(
+            "import time; print('sleeping', flush=True); time.sleep(60)", timeout=60,
+            output_hook=lambda m: sleeping.set() if m["msg_type"] == "stream" else None))
+        await asyncio.wait_for(sleeping.wait(), 30)
+        await km.interrupt_kernel()  # a message on the control channel
+        reply = await asyncio.wait_for(running, 30)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+    finally:
+        client.stop_channels()
+
+
 def test_a_kernel_runs_in_a_pod_is_interrupted_restarted_and_leaves_nothing(cluster: Any, k8s_config: Config) -> None:
     async def body(api: Any, kubelet: Any) -> None:
         km = await _start(k8s_config, mlops_user="Alice.Smith")
@@ -138,19 +156,7 @@ def test_a_kernel_runs_in_a_pod_is_interrupted_restarted_and_leaves_nothing(clus
             pod = (await cluster_for(KubernetesSettings(config=k8s_config))).pods.get(info["namespace"], info["pod_name"])
             assert facts["MLOPS_POD_IP"] == pod["status"]["podIP"]  # the kernel binds its pod's own IP
             assert (facts["MLOPS_KERNEL_PROFILE"], facts["MLOPS_KERNEL_ENVIRONMENT"]) == ("small", "demo")
-            # an interrupt is a message: a signal could not reach into a pod
-            client = km.client()
-            client.start_channels()
-            await client.wait_for_ready(timeout=30)
-            sleeping = asyncio.Event()
-            running = asyncio.ensure_future(client.execute_interactive(
-                "import time; print('sleeping', flush=True); time.sleep(60)", timeout=60,
-                output_hook=lambda m: sleeping.set() if m["msg_type"] == "stream" else None))
-            await asyncio.wait_for(sleeping.wait(), 30)
-            await km.interrupt_kernel()
-            reply = await asyncio.wait_for(running, 30)
-            client.stop_channels()
-            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            await interrupt_a_sleeping_cell(km)  # a message: a signal could not reach into a pod
             await km.restart_kernel(now=True)
             assert (await _run(km, "print(1 + 1)")).strip() == "2"
         finally:

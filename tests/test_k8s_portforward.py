@@ -20,7 +20,8 @@ from jupyter_mlops.kernels.registry import KERNELS
 from jupyter_mlops.k8s.portforward import PortForward, wants_port_forward
 
 from .k8s.emulator import running_cluster
-from .test_k8s_kernels import _run, _start, cluster, k8s_config, warm_pod_pool  # noqa: F401  (fixtures)
+from .test_k8s_kernels import (  # noqa: F401  (fixtures)
+    _run, _start, cluster, interrupt_a_sleeping_cell, k8s_config, warm_pod_pool)
 
 pytest.importorskip("kubernetes_asyncio")
 
@@ -79,7 +80,7 @@ def test_a_kernel_runs_interrupts_restarts_and_shuts_down_through_a_port_forward
             pod_ip = (await _run(km, "import os; print(os.environ['MLOPS_POD_IP'])")).strip()
             assert pod_ip != "127.0.0.1"  # the kernel is in its pod, reached through the API server
             assert "52001" in forwards(api) or api is None
-            await _interrupt(km)
+            await interrupt_a_sleeping_cell(km)
             await km.restart_kernel(now=True)  # a new pod of the same name, behind the same forward
             assert provisioner._forward is forward and forward.local_ports == local
             assert (await _run(km, "print(1 + 1)")).strip() == "2"
@@ -92,23 +93,6 @@ def test_a_kernel_runs_interrupts_restarts_and_shuts_down_through_a_port_forward
         cluster(body)
     # ports refused while a kernel starts, pods gone while it restarts or shuts down: all expected
     assert not [r.getMessage() for r in caplog.records if "port-forward" in r.getMessage()]
-
-
-async def _interrupt(km: Any) -> None:
-    client = km.client()
-    client.start_channels()
-    try:
-        await client.wait_for_ready(timeout=30)
-        sleeping = asyncio.Event()
-        running = asyncio.ensure_future(client.execute_interactive(
-            "import time; print('sleeping', flush=True); time.sleep(60)", timeout=60,
-            output_hook=lambda m: sleeping.set() if m["msg_type"] == "stream" else None))
-        await asyncio.wait_for(sleeping.wait(), 30)
-        await km.interrupt_kernel()  # a message on the control channel, through the forward
-        reply = await asyncio.wait_for(running, 30)
-        assert reply["content"]["ename"] == "KeyboardInterrupt"
-    finally:
-        client.stop_channels()
 
 
 def test_a_restarted_server_re_adopts_a_kernel_pod_through_a_new_forward(
