@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jupyter_mlops.k8s.failures import is_running, progress, start_failure
 from jupyter_mlops.k8s.kernel_entry import connection_info
 
@@ -50,3 +52,18 @@ def test_the_kernel_pod_builds_its_connection_from_its_environment() -> None:
                     "kernel_name": "", "shell_port": 52001, "hb_port": 52005}
     assert connection_info({"MLOPS_KERNEL_KEY": "k", "MLOPS_KERNEL_PORTS": "{}", "MLOPS_KERNEL_BIND": "127.0.9.2"}
                            )["ip"] == "127.0.9.2"
+
+
+@pytest.mark.parametrize("setting, value", [("on_stop", "nope"), ("connect", "ssh")])
+def test_a_wrong_kubernetes_setting_is_one_line_naming_it(setting: str, value: str) -> None:
+    from traitlets.config import Config
+
+    from jupyter_mlops.errors import ConfigError
+    from jupyter_mlops.k8s.settings import KubernetesSettings
+
+    config = Config()
+    setattr(config.Kubernetes, setting, value)
+    with pytest.raises(ConfigError) as raised:
+        KubernetesSettings.checked(config)
+    assert "\n" not in str(raised.value) and str(raised.value).startswith("c.Kubernetes:")
+    assert f"'{setting}'" in str(raised.value) and repr(value) in str(raised.value)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from traitlets import Dict, Enum, Float, Unicode, default
 from traitlets.config import Configurable
+
+from ..errors import ConfigError
 
 __all__ = ["KubernetesSettings"]
 
@@ -35,7 +38,7 @@ class KubernetesSettings(Configurable):
                               "(a kernel needs no API access).").tag(config=True)
     startup_timeout = Float(300.0, help="Seconds a kernel pod may take to start (pulling a large image "
                             "counts; a failure is reported as soon as it is known, not at this limit).").tag(config=True)
-    connect = Unicode("auto", help="How the server reaches kernel pods: pod-ip (their IPs must route from "
+    connect = Enum(("auto", "pod-ip", "port-forward"), "auto", help="How the server reaches kernel pods: pod-ip (their IPs must route from "
                       "the server), port-forward (local ports on 127.0.0.1 relayed through the API server's "
                       "pods/portforward, as kubectl port-forward does; needs create on pods/portforward), or auto: "
                       "pod-ip when the server runs in a pod (KUBERNETES_SERVICE_HOST set), port-forward otherwise."
@@ -56,6 +59,17 @@ class KubernetesSettings(Configurable):
     pipeline_project_dir = Unicode("/project", help="Where the project is inside pipeline_image; a schedule's "
                                    "pipeline file is found there by its path relative to the project root here."
                                    ).tag(config=True)
+
+    @classmethod
+    def checked(cls, config: Any) -> "KubernetesSettings":
+        """The settings of ``config``, or :class:`ConfigError` naming the setting that is wrong (the
+        server checks them at start, not at the first kernel)."""
+        from traitlets import TraitError
+
+        try:
+            return cls(config=config)
+        except TraitError as e:
+            raise ConfigError(" ".join(str(e).split()), source="c.Kubernetes") from None
 
     @default("server_id")
     def _server_id_default(self) -> str:

@@ -35,6 +35,10 @@ class MlopsExtensionApp(ExtensionApp):
     def initialize_settings(self) -> None:
         settings = load_config(self.serverapp.config)
         KernelProfiles(config=settings.config).parsed()  # raises ConfigError naming profile and field
+        if settings.kernel_backend == "kubernetes":
+            from ..k8s.settings import KubernetesSettings
+
+            KubernetesSettings.checked(settings.config)  # likewise for c.Kubernetes
         done = sync_from_config(settings.config)
         if done.written or done.removed:
             self.log.info("mlops: kernel specs written: %s; removed: %s", ", ".join(done.written) or "none",
