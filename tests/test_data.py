@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -262,3 +263,63 @@ def test_dvc_hints_do_not_reach_the_notebook(mlops_dvc: Project) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=mlops_dvc.root, capture_output=True, text=True, check=True)
     assert "To track the changes with git" not in done.stdout + done.stderr
     assert (mlops_dvc.root / "data" / "train.csv.dvc").is_file()
+
+
+@pytest.fixture
+def mlops_dvc_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC as it behaves in a terminal: its tqdm bars skip their is-a-TTY check, rich consoles
+    made from now on draw their spinners."""
+    monkeypatch.setenv("DVC_IGNORE_ISATTY", "1")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+
+
+def test_dvc_output_goes_to_the_log_not_the_terminal(mlops_dvc: Project, mlops_dvc_on_a_terminal: None,
+                                                      capfd: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import hashlib
+
+    caplog.set_level("DEBUG", logger="jupyter_mlops.data.dvc")
+    train, images = data.add("data/train.csv", "data/images")
+    assert data.push() == 7
+    shutil.rmtree(mlops_dvc.root / ".dvc" / "cache")
+    (mlops_dvc.root / "data" / "train.csv").unlink()
+    data.pull()
+    out, err = capfd.readouterr()
+    assert out == "" and all(line.startswith("note: no active run") for line in err.splitlines()), err
+    assert train.md5 == hashlib.md5(b"x,y\n1,2\n").hexdigest() and images.nfiles == 5
+    assert data.version("data/train.csv").md5 == train.md5
+    assert "To track the changes with git" in caplog.text  # DVC's hints are in the log
+
+
+def test_a_locked_dvc_repo_is_one_clear_error_and_no_lock_message(mlops_dvc: Project, mlops_dvc_on_a_terminal: None,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, zc.lockfile\nlock = zc.lockfile.LockFile('.dvc/tmp/lock')\n"
+                               "print('locked', flush=True)\nsys.stdin.read()"],
+        cwd=mlops_dvc.root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DataError, match=r"another DVC process .*\.dvc/tmp/lock") as info:
+            data.add("data/train.csv")
+    finally:
+        holder.communicate("")
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")  # DVC drew its lock-wait bar here ("\r!\r \r\r...")
+    assert not (mlops_dvc.root / "data" / "train.csv.dvc").exists()
+
+
+def test_a_pipeline_run_prints_only_its_own_lines(mlops_dvc: Project, mlops_dvc_on_a_terminal: None,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    from jupyter_mlops.cli import main as cli
+
+    make_notebook(mlops_dvc.root / "make.ipynb", ["import pathlib\npathlib.Path('data/made.txt').write_text('made')"])
+    (mlops_dvc.root / "pipeline.yaml").write_text(
+        "name: quiet\nsteps:\n  make:\n    notebook: make.ipynb\n    outputs: [data/made.txt]\n")
+    capfd.readouterr()
+    assert cli(["pipeline", "run", "pipeline.yaml", "--no-progress"]) == 0
+    out, err = capfd.readouterr()
+    states = [re.fullmatch(r"\[\d\d:\d\d:\d\d\] make: (\w+).*", line) for line in err.splitlines()]
+    assert all(states) and [m.group(1) for m in states if m] == ["running", "succeeded"], err
+    assert "pipeline quiet succeeded" in out and not any(c in out + err for c in "\r\x1b")
+    assert (mlops_dvc.root / "data" / "made.txt.dvc").is_file()

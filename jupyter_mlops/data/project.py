@@ -42,11 +42,11 @@ def init_project(folder: Path) -> list[str]:
         done.append(f"created {EMBEDDED_DIR}/ (local state, ignored by git)")
     if not (embedded / ".gitignore").exists():
         (embedded / ".gitignore").write_text("# local state of jupyter_mlops: never commit it\n*\n")
+    from .dvc_client import _route_dvc_output
+
+    _route_dvc_output()
     from dvc.repo import Repo
 
-    from .dvc_client import _quiet_dvc
-
-    _quiet_dvc()
     if not (folder / ".dvc").is_dir():
         Repo.init(str(folder), subdir=git_root != folder).close()
         done.append("initialised DVC (.dvc/)")
