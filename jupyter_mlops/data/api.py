@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DataError
+from . import pinned
 from .dvc_client import DvcProject
 from .index import DataIndex, snapshot
 from .versions import DataVersion
@@ -74,13 +75,15 @@ def use(path: str | os.PathLike[str], rev: str | None = None) -> Path:
     """Record the exact version of ``path`` as an input of the active run; return a path to read.
 
     With ``rev`` (a commit, tag or branch) the version that revision records is materialised once
-    under ``.mlops/data/versions/`` and that private copy is returned: the workspace is untouched.
+    under ``.mlops/data/versions/`` and that private, read-only copy is returned: the workspace is
+    untouched. The copy is checked before each reuse and replaced if it was altered (see
+    :mod:`.pinned`); :class:`DataError` if it must be fetched again and DVC cannot.
     """
     project = _project()
     rel = project.rel(path)
     found = version(path, rev)
     if rev:
-        local = project.materialize(found, project.root / VERSIONS_DIR)
+        local = pinned.materialize(project, found, project.root / VERSIONS_DIR)
         inner = rel[len(found.path):].lstrip("/")
         local = local / inner if inner else local
         if not local.exists():

@@ -217,23 +217,30 @@ class DvcProject:
         os.replace(tmp, dest)
         self.repo.state.save(str(path), self.repo.fs, HashInfo("md5", result["md5"]))
 
-    def materialize(self, version: DataVersion, into: Path) -> Path:
-        """A private, read-only copy of a past version under ``into``; reused when present."""
-        dest = into / version.digest / Path(version.path).name
-        if dest.exists():
-            return dest
+    def fetch(self, version: DataVersion, dest: Path) -> None:
+        """Write the bytes of a past version to ``dest`` (which must not exist), from the DVC
+        cache or, when DVC can, its remote. Raises :class:`DataError` naming what to do."""
         from dvc.api import DVCFileSystem
 
-        tmp = into / version.digest / f".tmp-{os.getpid()}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            with _dvc_errors(version.path):
-                fs = DVCFileSystem(url=str(self.root), rev=version.rev)
-                fs.get(version.path, str(tmp / "x"), recursive=version.kind == "dir")
-            os.replace(tmp / "x", dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return dest
+        with _dvc_errors(version.path):
+            fs = DVCFileSystem(url=str(self.root), rev=version.rev)
+            fs.get(version.path, str(dest), recursive=version.kind == "dir")
+
+    def md5_of(self, path: Path, kind: str) -> str:
+        """DVC's md5 of the file or folder at ``path`` (a folder's ends in ``.dir``), wherever it
+        lies: no .dvcignore applies, so every file counts."""
+        if kind != "dir":
+            h = hashlib.md5()
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            return h.hexdigest()
+        from dvc_data.hashfile.build import build
+
+        repo = self.repo
+        with _dvc_errors(str(path)):
+            _, _, obj = build(repo.cache.local, str(path), repo.fs, "md5", dry_run=True)
+        return str(obj.hash_info.value)
 
     def push(self, targets: list[str] | None = None) -> int:
         self.close()  # a transfer is long next to opening the repo: start from DVC's current view
