@@ -126,6 +126,18 @@ def test_a_past_revision_is_read_without_touching_the_workspace(mlops_dvc: Proje
     assert git(mlops_dvc.root, "status", "--porcelain") == ""
 
 
+def test_status_calls_a_past_revision_pinned_not_unchanged(mlops_two_revisions: Project) -> None:
+    run = start(mlops_two_revisions)
+    data.use("data/train.csv", rev="v1")
+    data.use("data/images")
+    (mlops_two_revisions.root / "data" / "train.csv").write_text("x,y\n5,6\n")  # the workspace moves on
+    changes = data.status()
+    assert [(c.state, c.role, c.recorded.path) for c in changes] == [("pinned", "input", "data/train.csv"),
+                                                                     ("unchanged", "input", "data/images")]
+    assert changes[0].recorded.rev == git(mlops_two_revisions.root, "rev-parse", "v1").strip()
+    run.end(log_notebook=False)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
@@ -277,6 +289,8 @@ def test_the_data_magics_in_a_real_kernel(mlops_dvc: Project) -> None:
         "%load_ext jupyter_mlops\n%mlops track --experiment magics",
         "%mlops data add data/train.csv data/images",
         "p = %mlops data use data/train.csv\nprint(open(p).read())",
+        "import subprocess\nsubprocess.run(['git', 'add', '-A'], check=True)\n"
+        "subprocess.run(['git', 'commit', '-qm', 'v1'], check=True)\n%mlops data use data/images@HEAD",
         "%mlops data status",
         "%mlops data use nowhere.csv",
         "%mlops data push",
@@ -285,10 +299,13 @@ def test_the_data_magics_in_a_real_kernel(mlops_dvc: Project) -> None:
     executed = execute_notebook(nb, allow_errors=True)
     assert "Versioned data/train.csv" in cell_text(executed, 1) and "5 files" in cell_text(executed, 1)
     assert "x,y" in cell_text(executed, 2)
-    assert ["unchanged", "input", "data/train.csv"] in [line.split()[:3] for line in cell_text(executed, 3).splitlines()]
-    error = cell_text(executed, 4)
+    status = [line.split()[:3] for line in cell_text(executed, 4).splitlines()]
+    assert ["unchanged", "input", "data/train.csv"] in status and ["pinned", "input", "data/images"] in status
+    head = git(mlops_dvc.root, "rev-parse", "HEAD").strip()
+    assert f"at git {head[:10]}" in cell_text(executed, 4)
+    error = cell_text(executed, 5)
     assert "UsageError" in error and "does not exist" in error and "Traceback" not in error
-    assert "Pushed 7 file(s)" in cell_text(executed, 5)
+    assert "Pushed 7 file(s)" in cell_text(executed, 6)
     sync(mlops_dvc.spool)
     assert {d.dataset.name for d in find_run(mlops_dvc, "magics").inputs.dataset_inputs} == {"data/train.csv", "data/images"}
 
@@ -450,3 +467,37 @@ def test_kernels_materialising_one_version_at_once_share_one_intact_copy(mlops_d
     assert results[0][0].count("'file ") == 300 and "('7.txt', 'file 7\\n')" in results[0][0]
     versions = mlops_dvc.root / ".mlops" / "data" / "versions"
     assert not [p for p in versions.rglob("*") if p.name.startswith((".tmp-", ".altered-"))]
+
+
+def test_init_writes_a_relative_remote_so_a_clone_pushes_and_pulls_its_own(mlops_dvc: Project, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    config = (mlops_dvc.root / ".dvc" / "config").read_text()
+    assert "url = ../.mlops/dvc-remote" in config and str(mlops_dvc.root) not in config
+    data.add("data/train.csv")
+    assert data.push() == 1
+    commit(mlops_dvc, "data")
+    clone = tmp_path / "elsewhere" / "clone"
+    subprocess.run(["git", "clone", "-q", str(mlops_dvc.root), str(clone)], check=True, capture_output=True)
+    assert any("created .mlops/" in line for line in init_project(clone))  # its local state only
+    assert (clone / ".dvc" / "config").read_text() == config
+    monkeypatch.chdir(clone)
+    (clone / "data" / "mine.csv").write_text("the clone's own data\n")
+    (mine,) = data.add("data/mine.csv")
+    assert data.push() == 1
+    (clone / "data" / "mine.csv").unlink()
+    shutil.rmtree(clone / ".dvc" / "cache")
+    data.pull("data/mine.csv")
+    assert (clone / "data" / "mine.csv").read_text() == "the clone's own data\n"
+    objects = {p.parent.name + p.name for p in (clone / ".mlops" / "dvc-remote").rglob("*") if p.is_file()}
+    assert mine.md5 in objects
+    original = {p.parent.name + p.name for p in (mlops_dvc.root / ".mlops" / "dvc-remote").rglob("*") if p.is_file()}
+    assert mine.md5 not in original
+    assert ".mlops" not in git(clone, "status", "--porcelain", "--untracked-files=all")
+
+
+def test_init_makes_an_absolute_remote_of_an_older_init_relative(mlops_dvc: Project) -> None:
+    config = mlops_dvc.root / ".dvc" / "config"
+    config.write_text(config.read_text().replace("../.mlops/dvc-remote", str(mlops_dvc.root / ".mlops" / "dvc-remote")))
+    assert any("made the DVC remote 'local' relative" in line for line in init_project(mlops_dvc.root))
+    assert "url = ../.mlops/dvc-remote" in config.read_text()
+    assert init_project(mlops_dvc.root) == []

@@ -144,12 +144,19 @@ def _unchanged(project: DvcProject, index: DataIndex, rel: str) -> bool:
 
 @dataclass(frozen=True)
 class DataChange:
+    """One recorded version against the workspace. ``state``: ``unchanged``, ``changed``,
+    ``missing``, or ``pinned`` for a version read at a past revision (``data.use(PATH, rev=...)``):
+    it is fixed by that revision (``recorded.rev``), and the workspace is no measure of it."""
+
     role: str  # "input" or "output"
     recorded: DataVersion
-    current_md5: str | None  # None: the path is gone
+    current_md5: str | None  # None: the path is gone, or the version is pinned
+    pinned: bool = False
 
     @property
     def state(self) -> str:
+        if self.pinned:
+            return "pinned"
         if self.current_md5 is None:
             return "missing"
         return "unchanged" if self.current_md5 == self.recorded.md5 else "changed"
@@ -166,7 +173,7 @@ def status() -> list[DataChange]:
     changes = []
     for role, recorded in run.datasets:
         if recorded.rev and not recorded.snapshot:  # a past version: nothing in the workspace to compare
-            changes.append(DataChange(role, recorded, recorded.md5))
+            changes.append(DataChange(role, recorded, None, pinned=True))
             continue
         current = _current(project, recorded.path)
         changes.append(DataChange(role, recorded, current[0] if current else None))
