@@ -204,7 +204,8 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     if not entries:
         print("  no run recorded this version")
     for e in entries:
-        print(f"  {'produced by' if e.role == 'output' else 'used by    '} run {e.run_id} ({e.run_name or '-'}, experiment {e.experiment_id})")
+        print(f"  {'produced by' if e.role == 'output' else 'used by    '} run {e.run_id} ({e.run_name or '-'}, experiment {e.experiment_id}"
+              + (f", git {e.rev[:10]}" if e.rev else "") + (", modified" if e.modified else "") + ")")
     return 0
 
 

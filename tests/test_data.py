@@ -234,6 +234,7 @@ def test_lineage_from_the_command_line(mlops_dvc: Project) -> None:
     listed = subprocess.run([*cli, "--data", "data/train.csv@v1"], cwd=mlops_dvc.root, capture_output=True, text=True, check=True)
     assert f"produced by run {producer.run_id}" in listed.stdout
     assert f"used by     run {consumer.run_id}" in listed.stdout
+    assert f"git {git(mlops_dvc.root, 'rev-parse', 'v1')[:10]})" in listed.stdout  # the revision that run read
     both = subprocess.run(cli, cwd=mlops_dvc.root, capture_output=True, text=True)
     assert both.returncode == 2 and "RUN_ID or --data" in both.stderr
 
