@@ -167,7 +167,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
         return 0
     for line in done:
         print(f"  {line}")
-    print(f"{where} is ready. Commit the DVC setup: git add .dvc .dvcignore && git commit -m 'Set up DVC'")
+    if any("DVC" in line for line in done):  # a clone's init only creates its .mlops/: nothing to commit
+        print(f"{where} is ready. Commit the DVC setup: git add .dvc .dvcignore && git commit -m 'Set up DVC'")
+    else:
+        print(f"{where} is ready.")
     return 0
 
 
