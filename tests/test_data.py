@@ -285,6 +285,20 @@ def test_each_run_sees_its_own_revision_and_flags_of_a_shared_version(mlops_dvc:
     assert f"git {rev['v2'][:10]}" in shown.stdout
 
 
+def test_lineage_of_a_run_recorded_before_per_run_tags_reads_the_dataset_source(mlops_dvc: Project) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from jupyter_mlops.data.lineage import run_lineage
+
+    client = mlops_dvc.client()
+    run = client.create_run(client.create_experiment("older"))
+    source = json.dumps({"path": "data/train.csv", "md5": "a" * 32, "rev": "b" * 40, "kind": "file"})
+    dataset = Dataset("data/train.csv", "a" * 32, "dvc", source, profile=json.dumps({"size": 8, "nfiles": 1, "modified": True}))
+    client.log_inputs(run.info.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "output")])])
+    (entry,) = run_lineage(client, run.info.run_id)
+    assert (entry.role, entry.path, entry.rev, entry.modified, entry.size) == ("output", "data/train.csv", "b" * 40, True, 8)
+
+
 def test_the_data_magics_in_a_real_kernel(mlops_dvc: Project) -> None:
     nb = make_notebook(mlops_dvc.root / "prep.ipynb", [
         "%load_ext jupyter_mlops\n%mlops track --experiment magics",
