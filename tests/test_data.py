@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -219,86 +218,6 @@ def test_an_unchanged_check_needs_no_dvc(mlops_dvc: Project) -> None:
     assert done.stdout.split() == ["False", "False"]
 
 
-def test_lineage_from_the_command_line(mlops_dvc: Project) -> None:
-    producer = start(mlops_dvc)
-    data.add("data/train.csv")
-    producer.end(log_notebook=False)
-    commit(mlops_dvc, "v1", tag="v1")
-    consumer = start(mlops_dvc)
-    data.use("data/train.csv", rev="v1")
-    consumer.end(log_notebook=False)
-    sync(mlops_dvc.spool)
-    cli = [sys.executable, "-m", "jupyter_mlops.cli", "lineage"]
-    shown = subprocess.run([*cli, consumer.run_id], cwd=mlops_dvc.root, capture_output=True, text=True, check=True)
-    assert "read   data/train.csv" in shown.stdout
-    listed = subprocess.run([*cli, "--data", "data/train.csv@v1"], cwd=mlops_dvc.root, capture_output=True, text=True, check=True)
-    assert f"produced by run {producer.run_id}" in listed.stdout
-    assert f"used by     run {consumer.run_id}" in listed.stdout
-    assert f"git {git(mlops_dvc.root, 'rev-parse', 'v1')[:10]})" in listed.stdout  # the revision that run read
-    both = subprocess.run(cli, cwd=mlops_dvc.root, capture_output=True, text=True)
-    assert both.returncode == 2 and "RUN_ID or --data" in both.stderr
-
-
-def test_each_run_sees_its_own_revision_and_flags_of_a_shared_version(mlops_dvc: Project) -> None:
-    """MLflow keeps one dataset per (experiment, name, digest): each run's lineage still shows the
-    revision and modified flag that run saw, with or without a lineage.json (step runs have none)."""
-    from jupyter_mlops.data.lineage import run_lineage, runs_for_digest
-
-    data.add("data/train.csv")
-    commit(mlops_dvc, "v1", tag="v1")
-    (mlops_dvc.root / "notes.txt").write_text("the data is unchanged at v2\n")
-    commit(mlops_dvc, "v2", tag="v2")
-    rev = {tag: git(mlops_dvc.root, "rev-parse", tag).strip() for tag in ("v1", "v2")}
-    runs = {}
-    for tag in ("v1", "v2"):
-        runs[tag] = start(mlops_dvc)
-        data.use("data/train.csv", rev=tag)
-        runs[tag].end(log_notebook=False)
-    runs["step"] = start(mlops_dvc)  # as a pipeline step records its inputs: no lineage.json
-    runs["step"].log_dataset(data.version("data/train.csv", rev="v2").to_json(), "input")
-    runs["step"].end(log_notebook=False)
-    (mlops_dvc.root / "data" / "train.csv").write_text("x,y\n3,4\n")
-    runs["modified"] = start(mlops_dvc)
-    data.use("data/train.csv")
-    runs["modified"].end(log_notebook=False)
-    data.add("data/train.csv", record=False)
-    runs["added"] = start(mlops_dvc)
-    data.use("data/train.csv")
-    runs["added"].end(log_notebook=False)
-    sync(mlops_dvc.spool)
-
-    client = mlops_dvc.client()
-    ids = {name: run.run_id for name, run in runs.items()}
-    old_digest = data.version("data/train.csv", rev="v1").digest
-    seen = {e.run_id: (e.role, e.path, e.rev, e.modified) for e in runs_for_digest(client, old_digest)}
-    assert seen == {ids["v1"]: ("input", "data/train.csv", rev["v1"], False),
-                    ids["v2"]: ("input", "data/train.csv", rev["v2"], False),
-                    ids["step"]: ("input", "data/train.csv", rev["v2"], False)}
-    new_digest = data.version("data/train.csv").digest
-    assert {e.run_id: (e.rev, e.modified) for e in runs_for_digest(client, new_digest)} == {
-        ids["modified"]: (None, True), ids["added"]: (None, False)}
-    for name in ("v1", "v2", "step", "modified", "added"):  # lineage.json (when there is one) agrees
-        (entry,) = run_lineage(client, ids[name])
-        assert (entry.role, entry.path, entry.rev, entry.modified) == seen.get(ids[name], ("input", "data/train.csv", None, name == "modified"))
-    shown = subprocess.run([sys.executable, "-m", "jupyter_mlops.cli", "lineage", ids["step"]], cwd=mlops_dvc.root,
-                           capture_output=True, text=True, check=True)
-    assert f"git {rev['v2'][:10]}" in shown.stdout
-
-
-def test_lineage_of_a_run_recorded_before_per_run_tags_reads_the_dataset_source(mlops_dvc: Project) -> None:
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from jupyter_mlops.data.lineage import run_lineage
-
-    client = mlops_dvc.client()
-    run = client.create_run(client.create_experiment("older"))
-    source = json.dumps({"path": "data/train.csv", "md5": "a" * 32, "rev": "b" * 40, "kind": "file"})
-    dataset = Dataset("data/train.csv", "a" * 32, "dvc", source, profile=json.dumps({"size": 8, "nfiles": 1, "modified": True}))
-    client.log_inputs(run.info.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "output")])])
-    (entry,) = run_lineage(client, run.info.run_id)
-    assert (entry.role, entry.path, entry.rev, entry.modified, entry.size) == ("output", "data/train.csv", "b" * 40, True, 8)
-
-
 def test_the_data_magics_in_a_real_kernel(mlops_dvc: Project) -> None:
     nb = make_notebook(mlops_dvc.root / "prep.ipynb", [
         "%load_ext jupyter_mlops\n%mlops track --experiment magics",
@@ -414,74 +333,6 @@ def mlops_two_revisions(mlops_dvc: Project) -> Project:
     data.add("data/train.csv", "data/images")
     commit(mlops_dvc, "v2")
     return mlops_dvc
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-def test_a_pinned_version_is_read_only_and_an_altered_copy_is_never_served(mlops_two_revisions: Project) -> None:
-    old = data.use("data/train.csv", rev="v1")
-    images = data.use("data/images", rev="v1")
-    assert _mode(old) == 0o444 and _mode(images) == 0o555 and _mode(images / "0.txt") == 0o444
-
-    os.chmod(old, 0o644)
-    old.write_text("x,y\n6,6\n")  # same size, new bytes
-    again = data.use("data/train.csv", rev="v1")
-    assert again.read_text() == "x,y\n1,2\n" and _mode(again) == 0o444
-
-    inode = os.stat(again).st_ino
-    os.utime(again, ns=(time.time_ns(), time.time_ns()))  # touched only: the bytes are still v1's
-    assert data.use("data/train.csv", rev="v1") == again and os.stat(again).st_ino == inode
-
-    os.chmod(images, 0o755)
-    (images / "extra.txt").write_text("not in v1\n")
-    os.chmod(images / "1.txt", 0o644)
-    (images / "1.txt").write_text("image 9\n")
-    assert data.use("data/images/1.txt", rev="v1").read_text() == "image 1\n"
-    assert sorted(p.name for p in images.iterdir()) == [f"{i}.txt" for i in range(5)]
-    assert _mode(images) == 0o555
-    assert data.use("data/images/0.txt", rev="v1").read_text() == "image 0\n"
-    assert (mlops_two_revisions.root / "data" / "images" / "0.txt").read_text() == "new image\n"
-
-
-def test_an_altered_copy_dvc_cannot_fetch_again_is_an_error_and_gone(mlops_two_revisions: Project) -> None:
-    old = data.use("data/train.csv", rev="v1")
-    md5 = data.version("data/train.csv", rev="v1").md5
-    os.chmod(old, 0o644)
-    old.write_text("tampered\n")
-    (mlops_two_revisions.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).unlink()
-    with pytest.raises(DataError, match=r"was altered .*pull it with `%mlops data pull`") as info:
-        data.use("data/train.csv", rev="v1")
-    assert "\n" not in str(info.value)
-    assert not old.exists()
-
-
-def test_kernels_materialising_one_version_at_once_share_one_intact_copy(mlops_dvc: Project) -> None:
-    many = mlops_dvc.root / "data" / "many"
-    many.mkdir()
-    for i in range(300):  # long enough to fetch that the processes overlap
-        (many / f"{i}.txt").write_text(f"file {i}\n")
-    data.add("data/many")
-    commit(mlops_dvc, "v1", tag="v1")
-    code = ("import sys\nfrom pathlib import Path\nfrom jupyter_mlops import data\nimport dvc.api\n"
-            "print('ready', flush=True)\nsys.stdin.readline()\n"
-            "p = data.use('data/many', rev='v1')\n"
-            "print(p, sorted((f.name, f.read_text()) for f in Path(p).iterdir()), flush=True)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=mlops_dvc.root, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    for proc in procs:  # all imported: they start materialising together
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    for proc in procs:
-        assert proc.stdin is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    results = [proc.communicate(timeout=120) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0] * 4, [err for _, err in results]
-    assert len({out for out, _ in results}) == 1
-    assert results[0][0].count("'file ") == 300 and "('7.txt', 'file 7\\n')" in results[0][0]
-    versions = mlops_dvc.root / ".mlops" / "data" / "versions"
-    assert not [p for p in versions.rglob("*") if p.name.startswith((".tmp-", ".altered-"))]
 
 
 def test_init_writes_a_relative_remote_so_a_clone_pushes_and_pulls_its_own(mlops_dvc: Project, tmp_path: Path,
