@@ -167,7 +167,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
         return 0
     for line in done:
         print(f"  {line}")
-    print(f"{where} is ready. Commit the DVC setup: git add .dvc .dvcignore && git commit -m 'Set up DVC'")
+    if any("DVC" in line for line in done):  # a clone's init only creates its .mlops/: nothing to commit
+        print(f"{where} is ready. Commit the DVC setup: git add .dvc .dvcignore && git commit -m 'Set up DVC'")
+    else:
+        print(f"{where} is ready.")
     return 0
 
 
@@ -204,7 +207,8 @@ def _cmd_lineage(args: argparse.Namespace) -> int:
     if not entries:
         print("  no run recorded this version")
     for e in entries:
-        print(f"  {'produced by' if e.role == 'output' else 'used by    '} run {e.run_id} ({e.run_name or '-'}, experiment {e.experiment_id})")
+        print(f"  {'produced by' if e.role == 'output' else 'used by    '} run {e.run_id} ({e.run_name or '-'}, experiment {e.experiment_id}"
+              + (f", git {e.rev[:10]}" if e.rev else "") + (", modified" if e.modified else "") + ")")
     return 0
 
 

@@ -202,6 +202,7 @@ def _data(args: argparse.Namespace) -> Any:
         for c in changes:
             print(f"{c.state:<10}{c.role:<8}{c.recorded.path}  (recorded {c.recorded.digest[:12]}"
                   + (f", now {c.current_md5.removesuffix('.dir')[:12]}" if c.state == "changed" and c.current_md5 else "")
+                  + (f", at git {c.recorded.rev[:10]}" if c.state == "pinned" and c.recorded.rev else "")
                   + ")")
         return None
     if action == "push":

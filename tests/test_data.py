@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,18 @@ def test_a_past_revision_is_read_without_touching_the_workspace(mlops_dvc: Proje
     assert git(mlops_dvc.root, "status", "--porcelain") == ""
 
 
+def test_status_calls_a_past_revision_pinned_not_unchanged(mlops_two_revisions: Project) -> None:
+    run = start(mlops_two_revisions)
+    data.use("data/train.csv", rev="v1")
+    data.use("data/images")
+    (mlops_two_revisions.root / "data" / "train.csv").write_text("x,y\n5,6\n")  # the workspace moves on
+    changes = data.status()
+    assert [(c.state, c.role, c.recorded.path) for c in changes] == [("pinned", "input", "data/train.csv"),
+                                                                     ("unchanged", "input", "data/images")]
+    assert changes[0].recorded.rev == git(mlops_two_revisions.root, "rev-parse", "v1").strip()
+    run.end(log_notebook=False)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
@@ -205,30 +218,13 @@ def test_an_unchanged_check_needs_no_dvc(mlops_dvc: Project) -> None:
     assert done.stdout.split() == ["False", "False"]
 
 
-def test_lineage_from_the_command_line(mlops_dvc: Project) -> None:
-    producer = start(mlops_dvc)
-    data.add("data/train.csv")
-    producer.end(log_notebook=False)
-    commit(mlops_dvc, "v1", tag="v1")
-    consumer = start(mlops_dvc)
-    data.use("data/train.csv", rev="v1")
-    consumer.end(log_notebook=False)
-    sync(mlops_dvc.spool)
-    cli = [sys.executable, "-m", "jupyter_mlops.cli", "lineage"]
-    shown = subprocess.run([*cli, consumer.run_id], cwd=mlops_dvc.root, capture_output=True, text=True, check=True)
-    assert "read   data/train.csv" in shown.stdout
-    listed = subprocess.run([*cli, "--data", "data/train.csv@v1"], cwd=mlops_dvc.root, capture_output=True, text=True, check=True)
-    assert f"produced by run {producer.run_id}" in listed.stdout
-    assert f"used by     run {consumer.run_id}" in listed.stdout
-    both = subprocess.run(cli, cwd=mlops_dvc.root, capture_output=True, text=True)
-    assert both.returncode == 2 and "RUN_ID or --data" in both.stderr
-
-
 def test_the_data_magics_in_a_real_kernel(mlops_dvc: Project) -> None:
     nb = make_notebook(mlops_dvc.root / "prep.ipynb", [
         "%load_ext jupyter_mlops\n%mlops track --experiment magics",
         "%mlops data add data/train.csv data/images",
         "p = %mlops data use data/train.csv\nprint(open(p).read())",
+        "import subprocess\nsubprocess.run(['git', 'add', '-A'], check=True)\n"
+        "subprocess.run(['git', 'commit', '-qm', 'v1'], check=True)\n%mlops data use data/images@HEAD",
         "%mlops data status",
         "%mlops data use nowhere.csv",
         "%mlops data push",
@@ -237,10 +233,13 @@ def test_the_data_magics_in_a_real_kernel(mlops_dvc: Project) -> None:
     executed = execute_notebook(nb, allow_errors=True)
     assert "Versioned data/train.csv" in cell_text(executed, 1) and "5 files" in cell_text(executed, 1)
     assert "x,y" in cell_text(executed, 2)
-    assert ["unchanged", "input", "data/train.csv"] in [line.split()[:3] for line in cell_text(executed, 3).splitlines()]
-    error = cell_text(executed, 4)
+    status = [line.split()[:3] for line in cell_text(executed, 4).splitlines()]
+    assert ["unchanged", "input", "data/train.csv"] in status and ["pinned", "input", "data/images"] in status
+    head = git(mlops_dvc.root, "rev-parse", "HEAD").strip()
+    assert f"at git {head[:10]}" in cell_text(executed, 4)
+    error = cell_text(executed, 5)
     assert "UsageError" in error and "does not exist" in error and "Traceback" not in error
-    assert "Pushed 7 file(s)" in cell_text(executed, 5)
+    assert "Pushed 7 file(s)" in cell_text(executed, 6)
     sync(mlops_dvc.spool)
     assert {d.dataset.name for d in find_run(mlops_dvc, "magics").inputs.dataset_inputs} == {"data/train.csv", "data/images"}
 
@@ -262,3 +261,114 @@ def test_dvc_hints_do_not_reach_the_notebook(mlops_dvc: Project) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=mlops_dvc.root, capture_output=True, text=True, check=True)
     assert "To track the changes with git" not in done.stdout + done.stderr
     assert (mlops_dvc.root / "data" / "train.csv.dvc").is_file()
+
+
+@pytest.fixture
+def mlops_dvc_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC as it behaves in a terminal: its tqdm bars skip their is-a-TTY check, rich consoles
+    made from now on draw their spinners."""
+    monkeypatch.setenv("DVC_IGNORE_ISATTY", "1")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+
+
+def test_dvc_output_goes_to_the_log_not_the_terminal(mlops_dvc: Project, mlops_dvc_on_a_terminal: None,
+                                                      capfd: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import hashlib
+
+    caplog.set_level("DEBUG", logger="jupyter_mlops.data.dvc")
+    train, images = data.add("data/train.csv", "data/images")
+    assert data.push() == 7
+    shutil.rmtree(mlops_dvc.root / ".dvc" / "cache")
+    (mlops_dvc.root / "data" / "train.csv").unlink()
+    data.pull()
+    out, err = capfd.readouterr()
+    assert out == "" and all(line.startswith("note: no active run") for line in err.splitlines()), err
+    assert train.md5 == hashlib.md5(b"x,y\n1,2\n").hexdigest() and images.nfiles == 5
+    assert data.version("data/train.csv").md5 == train.md5
+    assert "To track the changes with git" in caplog.text  # DVC's hints are in the log
+
+
+def test_a_locked_dvc_repo_is_one_clear_error_and_no_lock_message(mlops_dvc: Project, mlops_dvc_on_a_terminal: None,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, zc.lockfile\nlock = zc.lockfile.LockFile('.dvc/tmp/lock')\n"
+                               "print('locked', flush=True)\nsys.stdin.read()"],
+        cwd=mlops_dvc.root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DataError, match=r"another DVC process .*\.dvc/tmp/lock") as info:
+            data.add("data/train.csv")
+    finally:
+        holder.communicate("")
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")  # DVC drew its lock-wait bar here ("\r!\r \r\r...")
+    assert not (mlops_dvc.root / "data" / "train.csv.dvc").exists()
+
+
+def test_a_pipeline_run_prints_only_its_own_lines(mlops_dvc: Project, mlops_dvc_on_a_terminal: None,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    from jupyter_mlops.cli import main as cli
+
+    make_notebook(mlops_dvc.root / "make.ipynb", ["import pathlib\npathlib.Path('data/made.txt').write_text('made')"])
+    (mlops_dvc.root / "pipeline.yaml").write_text(
+        "name: quiet\nsteps:\n  make:\n    notebook: make.ipynb\n    outputs: [data/made.txt]\n")
+    capfd.readouterr()
+    assert cli(["pipeline", "run", "pipeline.yaml", "--no-progress"]) == 0
+    out, err = capfd.readouterr()
+    states = [re.fullmatch(r"\[\d\d:\d\d:\d\d\] make: (\w+).*", line) for line in err.splitlines()]
+    assert all(states) and [m.group(1) for m in states if m] == ["running", "succeeded"], err
+    assert "pipeline quiet succeeded" in out and not any(c in out + err for c in "\r\x1b")
+    assert (mlops_dvc.root / "data" / "made.txt.dvc").is_file()
+
+
+@pytest.fixture
+def mlops_two_revisions(mlops_dvc: Project) -> Project:
+    """data/train.csv and data/images at tag v1, changed and versioned again at v2 (checked out)."""
+    data.add("data/train.csv", "data/images")
+    commit(mlops_dvc, "v1", tag="v1")
+    (mlops_dvc.root / "data" / "train.csv").write_text("x,y\n3,4\n")
+    (mlops_dvc.root / "data" / "images" / "0.txt").write_text("new image\n")
+    data.add("data/train.csv", "data/images")
+    commit(mlops_dvc, "v2")
+    return mlops_dvc
+
+
+def test_init_writes_a_relative_remote_so_a_clone_pushes_and_pulls_its_own(mlops_dvc: Project, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from jupyter_mlops.cli import main as cli
+
+    config = (mlops_dvc.root / ".dvc" / "config").read_text()
+    assert "url = ../.mlops/dvc-remote" in config and str(mlops_dvc.root) not in config
+    data.add("data/train.csv")
+    assert data.push() == 1
+    commit(mlops_dvc, "data")
+    clone = tmp_path / "elsewhere" / "clone"
+    subprocess.run(["git", "clone", "-q", str(mlops_dvc.root), str(clone)], check=True, capture_output=True)
+    assert cli(["init", str(clone)]) == 0
+    said = capsys.readouterr().out
+    assert "created .mlops/" in said and "DVC" not in said  # its local state only: nothing to commit
+    assert (clone / ".dvc" / "config").read_text() == config
+    monkeypatch.chdir(clone)
+    (clone / "data" / "mine.csv").write_text("the clone's own data\n")
+    (mine,) = data.add("data/mine.csv")
+    assert data.push() == 1
+    (clone / "data" / "mine.csv").unlink()
+    shutil.rmtree(clone / ".dvc" / "cache")
+    data.pull("data/mine.csv")
+    assert (clone / "data" / "mine.csv").read_text() == "the clone's own data\n"
+    objects = {p.parent.name + p.name for p in (clone / ".mlops" / "dvc-remote").rglob("*") if p.is_file()}
+    assert mine.md5 in objects
+    original = {p.parent.name + p.name for p in (mlops_dvc.root / ".mlops" / "dvc-remote").rglob("*") if p.is_file()}
+    assert mine.md5 not in original
+    assert ".mlops" not in git(clone, "status", "--porcelain", "--untracked-files=all")
+
+
+def test_init_makes_an_absolute_remote_of_an_older_init_relative(mlops_dvc: Project) -> None:
+    config = mlops_dvc.root / ".dvc" / "config"
+    config.write_text(config.read_text().replace("../.mlops/dvc-remote", str(mlops_dvc.root / ".mlops" / "dvc-remote")))
+    assert any("made the DVC remote 'local' relative" in line for line in init_project(mlops_dvc.root))
+    assert "url = ../.mlops/dvc-remote" in config.read_text()
+    assert init_project(mlops_dvc.root) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DataError
+from . import pinned
 from .dvc_client import DvcProject
 from .index import DataIndex, snapshot
 from .versions import DataVersion
@@ -74,13 +75,15 @@ def use(path: str | os.PathLike[str], rev: str | None = None) -> Path:
     """Record the exact version of ``path`` as an input of the active run; return a path to read.
 
     With ``rev`` (a commit, tag or branch) the version that revision records is materialised once
-    under ``.mlops/data/versions/`` and that private copy is returned: the workspace is untouched.
+    under ``.mlops/data/versions/`` and that private, read-only copy is returned: the workspace is
+    untouched. The copy is checked before each reuse and replaced if it was altered (see
+    :mod:`.pinned`); :class:`DataError` if it must be fetched again and DVC cannot.
     """
     project = _project()
     rel = project.rel(path)
     found = version(path, rev)
     if rev:
-        local = project.materialize(found, project.root / VERSIONS_DIR)
+        local = pinned.materialize(project, found, project.root / VERSIONS_DIR)
         inner = rel[len(found.path):].lstrip("/")
         local = local / inner if inner else local
         if not local.exists():
@@ -141,12 +144,19 @@ def _unchanged(project: DvcProject, index: DataIndex, rel: str) -> bool:
 
 @dataclass(frozen=True)
 class DataChange:
+    """One recorded version against the workspace. ``state``: ``unchanged``, ``changed``,
+    ``missing``, or ``pinned`` for a version read at a past revision (``data.use(PATH, rev=...)``):
+    it is fixed by that revision (``recorded.rev``), and the workspace is no measure of it."""
+
     role: str  # "input" or "output"
     recorded: DataVersion
-    current_md5: str | None  # None: the path is gone
+    current_md5: str | None  # None: the path is gone, or the version is pinned
+    pinned: bool = False
 
     @property
     def state(self) -> str:
+        if self.pinned:
+            return "pinned"
         if self.current_md5 is None:
             return "missing"
         return "unchanged" if self.current_md5 == self.recorded.md5 else "changed"
@@ -163,7 +173,7 @@ def status() -> list[DataChange]:
     changes = []
     for role, recorded in run.datasets:
         if recorded.rev and not recorded.snapshot:  # a past version: nothing in the workspace to compare
-            changes.append(DataChange(role, recorded, recorded.md5))
+            changes.append(DataChange(role, recorded, None, pinned=True))
             continue
         current = _current(project, recorded.path)
         changes.append(DataChange(role, recorded, current[0] if current else None))

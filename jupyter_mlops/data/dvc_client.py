@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import logging
 import os
 import shutil
 import subprocess
@@ -129,9 +131,9 @@ class DvcProject:
     @property
     def repo(self) -> Any:
         if self._repo is None:
+            _route_dvc_output()
             from dvc.repo import Repo
 
-            _quiet_dvc()
             self._repo = Repo(str(self.root))
         return self._repo
 
@@ -215,23 +217,30 @@ class DvcProject:
         os.replace(tmp, dest)
         self.repo.state.save(str(path), self.repo.fs, HashInfo("md5", result["md5"]))
 
-    def materialize(self, version: DataVersion, into: Path) -> Path:
-        """A private, read-only copy of a past version under ``into``; reused when present."""
-        dest = into / version.digest / Path(version.path).name
-        if dest.exists():
-            return dest
+    def fetch(self, version: DataVersion, dest: Path) -> None:
+        """Write the bytes of a past version to ``dest`` (which must not exist), from the DVC
+        cache or, when DVC can, its remote. Raises :class:`DataError` naming what to do."""
         from dvc.api import DVCFileSystem
 
-        tmp = into / version.digest / f".tmp-{os.getpid()}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            with _dvc_errors(version.path):
-                fs = DVCFileSystem(url=str(self.root), rev=version.rev)
-                fs.get(version.path, str(tmp / "x"), recursive=version.kind == "dir")
-            os.replace(tmp / "x", dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return dest
+        with _dvc_errors(version.path):
+            fs = DVCFileSystem(url=str(self.root), rev=version.rev)
+            fs.get(version.path, str(dest), recursive=version.kind == "dir")
+
+    def md5_of(self, path: Path, kind: str) -> str:
+        """DVC's md5 of the file or folder at ``path`` (a folder's ends in ``.dir``), wherever it
+        lies: no .dvcignore applies, so every file counts."""
+        if kind != "dir":
+            h = hashlib.md5()
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            return h.hexdigest()
+        from dvc_data.hashfile.build import build
+
+        repo = self.repo
+        with _dvc_errors(str(path)):
+            _, _, obj = build(repo.cache.local, str(path), repo.fs, "md5", dry_run=True)
+        return str(obj.hash_info.value)
 
     def push(self, targets: list[str] | None = None) -> int:
         self.close()  # a transfer is long next to opening the repo: start from DVC's current view
@@ -244,14 +253,90 @@ class DvcProject:
             return self.repo.pull([str(self.root / t) for t in targets] if targets else None)
 
 
-def _quiet_dvc() -> None:
-    """In-process, DVC's INFO messages (hints meant for its CLI, like "To track the changes with
-    git, run: ...") would land in the notebook; our own messages say what to commit."""
-    import logging
+#: Where DVC's own output goes: its log records, its console writes and its status lines.
+log = logging.getLogger("jupyter_mlops.data.dvc")
+_routed = False
+_route_lock = threading.Lock()
 
-    dvc_logger = logging.getLogger("dvc")
-    if dvc_logger.level < logging.WARNING:
-        dvc_logger.setLevel(logging.WARNING)
+
+class _DvcLogHandler(logging.Handler):
+    """DVC's log records, re-logged under ours at debug (info for its warnings): they are hints
+    for DVC's CLI ("To track the changes with git, run: ..."); our own messages say what to do,
+    and any DVC failure reaches the user as an exception mapped by :func:`_dvc_errors`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record must not break the DVC call it came from
+            message = str(record.msg)
+        log.log(logging.INFO if record.levelno >= logging.WARNING else logging.DEBUG, "%s: %s", record.name, message)
+
+
+class _LogStream(io.TextIOBase):
+    """A text stream whose lines go to our log: DVC's console writes and rich consoles."""
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False  # no colours, spinners or cursor moves
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                log.debug("dvc: %s", line.rstrip())
+        return len(text)
+
+
+def _route_dvc_output() -> None:
+    """Send everything DVC would print to our log, once per process, before any call into DVC.
+
+    In-process DVC writes to the terminal through three channels: tqdm progress bars (shown when
+    stderr is a TTY: a pipeline's live display in a terminal, interleaved with its redraws), its
+    ``ui`` console (``print`` and rich status spinners such as "Checking graph"), and its loggers
+    (without a handler, logging's last resort prints their warnings to stderr). Redirecting
+    ``sys.stdout``/``sys.stderr`` would also swallow what other threads print (the live display
+    itself), so each channel is routed at its source instead. Process-wide on purpose: it holds
+    for every DVC call, from any thread, without a window between calls.
+    """
+    global _routed
+    if _routed:
+        return
+    with _route_lock:
+        if _routed:
+            return
+        import functools
+
+        from dvc.ui import Console, ui
+        from rich.console import Console as RichConsole
+
+        # DVC's and dvc-data's tqdm bars disable themselves above this level (dvc/progress.py,
+        # dvc_data/callbacks.py): the lock wait message is such a bar too
+        for name in ("dvc.progress", "dvc_data.callbacks"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        from dvc.logger import LoggerHandler
+
+        handler = _DvcLogHandler()
+        for name in ("dvc", "dvc_data", "dvc_objects", "scmrepo"):
+            logger = logging.getLogger(name)
+            for installed in list(logger.handlers):  # `import dvc` attaches its CLI's stdout/stderr handlers
+                if isinstance(installed, LoggerHandler):
+                    logger.removeHandler(installed)
+            logger.addHandler(handler)
+            logger.propagate = False
+            if logger.level == logging.NOTSET or logger.level < logging.INFO:
+                logger.setLevel(logging.INFO)  # DVC's debug chatter costs time and says nothing to us
+        stream = _LogStream()
+        console = RichConsole(file=stream, force_terminal=False, no_color=True, width=120)
+        ui.__dict__["rich_console"] = console  # functools.cached_property: the instance's dict wins
+        ui.__dict__["error_console"] = console
+
+        @functools.wraps(Console.write)
+        def write(*objects: Any, file: Any = None, **kwargs: Any) -> None:
+            return Console.write(ui, *objects, file=stream, **kwargs)
+
+        ui.write = write
+        _routed = True
 
 
 def _restore(dvcfile: Path, previous: bytes | None) -> None:
@@ -270,6 +355,7 @@ def _restore(dvcfile: Path, previous: bytes | None) -> None:
 @contextlib.contextmanager
 def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
     """DVC's exceptions as ours, with the one line that says what to do."""
+    _route_dvc_output()
     from dvc.exceptions import DvcException
 
     try:
@@ -282,6 +368,9 @@ def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
         if kind == "NoRemoteError" or "no remote" in text.lower():
             raise RemoteError(f"{what}: no DVC remote is configured: add one with `dvc remote add -d NAME URL` "
                               "(or run `jupyter mlops init` for a local one)") from e
+        if kind == "LockError":  # DVC's own text carries a coloured link meant for its CLI
+            raise DataError(f"{what}: another DVC process holds this project's lock (.dvc/tmp/lock): wait for "
+                            "it to finish; if none is running, delete .dvc/tmp/lock", path=what) from e
         if kind == "ConfirmRemoveError" or "without confirmation" in text:
             raise DataError(f"{what} would overwrite local changes ({text.split('confirmation.')[-1].split('force.')[-1].strip()}): "
                             "version them with `%mlops data add` first, or discard them") from e

@@ -24,17 +24,28 @@ class LineageEntry:
 
 
 def _entries(run: Any) -> list[LineageEntry]:
+    """The run's own view of each dataset it logged.
+
+    The revision, path and modified flag come from the dataset input's tags (per run); the
+    dataset's ``source`` and ``profile`` are shared by every run of the experiment that logged
+    the same digest (the first one wrote them), so they are only a fallback for runs recorded
+    before those tags existed.
+    """
     entries = []
     for item in run.inputs.dataset_inputs:
         dataset = item.dataset
         if dataset.source_type != "dvc":
             continue
-        role = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "input")
+        tags = {t.key: t.value for t in item.tags}
         source = json.loads(dataset.source or "{}")
         profile = json.loads(dataset.profile or "{}")
+        if "mlops.data.path" in tags:
+            path, rev, modified = tags["mlops.data.path"], tags.get("mlops.data.rev"), tags.get("mlops.data.modified") == "true"
+        else:
+            path, rev, modified = dataset.name, source.get("rev"), bool(profile.get("modified"))
         entries.append(LineageEntry(
-            run.info.run_id, run.info.run_name, run.info.experiment_id, role, dataset.name, dataset.digest,
-            source.get("rev"), profile.get("size"), profile.get("nfiles"), bool(profile.get("modified")),
+            run.info.run_id, run.info.run_name, run.info.experiment_id, tags.get("mlflow.data.context", "input"),
+            path, dataset.digest, rev, profile.get("size"), profile.get("nfiles"), modified,
         ))
     return entries
 

@@ -159,6 +159,12 @@ class MlflowGateway:
 
         MLflow has dataset inputs only, so outputs are dataset inputs with context ``output``.
         Logging the same dataset twice is a no-op in MLflow's store (replays are safe).
+
+        MLflow keeps one dataset per (experiment, name, digest): its ``source`` and ``profile``
+        are those of whichever run logged that digest first. What differs between runs (the git
+        revision, whether the bytes were modified, the path) is written where MLflow keeps it per
+        run, the dataset input's tags: ``mlops.data.path``, ``mlops.data.modified``
+        (``true``/``false``) and ``mlops.data.rev`` (absent while the .dvc file is uncommitted).
         """
         import json
 
@@ -171,7 +177,10 @@ class MlflowGateway:
             name=str(version["path"]), digest=digest, source_type="dvc",
             source=json.dumps(source, sort_keys=True), profile=json.dumps(profile, sort_keys=True),
         )
-        tags = [InputTag("mlflow.data.context", role)]
+        tags = [InputTag("mlflow.data.context", role), InputTag("mlops.data.path", str(version["path"])),
+                InputTag("mlops.data.modified", "true" if version.get("modified") else "false")]
+        if version.get("rev"):
+            tags.append(InputTag("mlops.data.rev", str(version["rev"])))
         self.call(self._client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
 
     def terminate(self, run_id: str, status: str, end_time: int) -> None:
