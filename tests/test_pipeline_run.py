@@ -329,3 +329,127 @@ def test_outputs_outside_a_dvc_project_fail_before_anything_runs(mlops_project: 
     assert cli(["pipeline", "run", "pipeline.yaml"]) == 1
     assert "is not in a DVC project" in capsys.readouterr().err
     assert not (mlops_project.root / "data").exists()  # the notebook never ran
+
+
+# -- the run lifecycle: dead runners, one run per pipeline, cancel ------------------------------------
+
+OLD_RUNS_TABLE = """CREATE TABLE pipeline_runs (id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, file TEXT NOT NULL,
+    status TEXT NOT NULL, started DOUBLE PRECISION NOT NULL, ended DOUBLE PRECISION, parameters TEXT NOT NULL,
+    options TEXT NOT NULL, resumed_from TEXT, schedule_id TEXT, spool_id TEXT, host TEXT, pid INTEGER)"""
+
+
+def _open_old_store(url: str) -> Any:
+    """A store whose pipeline_runs table was created by an earlier release (no heartbeat etc.)."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(url[len("sqlite:///"):])
+        conn.execute(OLD_RUNS_TABLE)
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(OLD_RUNS_TABLE)
+    from jupyter_mlops.pipelines.state import StateStore
+
+    return StateStore(url)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_an_old_database_gains_the_new_columns(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> None:
+    url = f"sqlite:///{tmp_path}/old.db" if backend == "sqlite" else request.getfixturevalue("mlops_postgres_uri")
+    store = _open_old_store(url)
+    try:
+        row = ("r1", "p", "/p.yaml", "running", time.time(), "{}", "{}", "elsewhere", 1, 0.0)
+        with store.transaction() as tx:
+            tx.execute("INSERT INTO pipeline_runs (id, pipeline, file, status, started, parameters, options, host, "
+                       "pid, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        assert store.query("SELECT heartbeat, pid_start, cancel_requested FROM pipeline_runs") == [
+            {"heartbeat": 0.0, "pid_start": None, "cancel_requested": None}]
+    finally:
+        store.close()
+    from jupyter_mlops.pipelines.state import StateStore
+
+    StateStore(url).close()  # opening it again finds nothing to add
+
+
+def test_a_runner_is_dead_when_its_pid_was_reused_or_its_remote_heartbeat_stopped(demo: Project) -> None:
+    import os
+
+    from jupyter_mlops.pipelines.history import RunHistory
+    from jupyter_mlops.pipelines.liveness import process_start, this_host
+
+    history = RunHistory(open_store(demo.config().resolved_pipeline_state_url))
+    now = time.time()
+    runs = {  # id: (host, pid, pid start, heartbeat) -> alive?
+        "me": ((this_host(), os.getpid(), process_start(os.getpid()), None), True),
+        "reused": ((this_host(), os.getpid(), "1", None), False),  # our pid, another process's start
+        "far-fresh": (("another-host", 1, None, now), True),
+        "far-stale": (("another-host", 1, None, now - 3600), False),
+    }
+    with history.store.transaction() as tx:
+        for run_id, ((host, pid, start, beat), _) in runs.items():
+            tx.execute("INSERT INTO pipeline_runs (id, pipeline, file, status, started, parameters, options, host, "
+                       "pid, pid_start, heartbeat) VALUES (?, 'demo', 'f', 'running', ?, '{}', '{}', ?, ?, ?, ?)",
+                       (run_id, now - 7200, host, pid, start, beat))
+            tx.execute("INSERT INTO step_runs (run_id, step, status) VALUES (?, 'a', 'running')", (run_id,))
+    settled = {r["id"]: r["status"] for r in history.recent()}
+    assert settled == {run_id: "running" if alive else "crashed" for run_id, (_, alive) in runs.items()}
+    assert history.steps("reused")[0]["status"] == "crashed"
+
+
+#: use[k] waits for the file `go`: the run stays in that step until the test lets it go
+BLOCKING_USE = ["import pathlib, time\nwhile not pathlib.Path('go').exists():\n    time.sleep(0.05)", *USE]
+
+
+def _start_cli_run(project: Project, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "jupyter_mlops", "pipeline", "run",
+                             "pipeline.yaml", "--no-progress", *extra],
+                            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_running_use_steps(project: Project, proc: subprocess.Popen[str] | None = None,
+                                thread: threading.Thread | None = None) -> str:
+    """The run id, once both use[k] steps are running (in their blocking cell)."""
+    store = open_store(project.config().resolved_pipeline_state_url)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        rows = store.query("SELECT run_id FROM step_runs WHERE step LIKE 'use%' AND status = 'running'")
+        if len(rows) == 2:
+            return str(rows[0]["run_id"])
+        if proc is not None:
+            assert proc.poll() is None, proc.communicate()[0]
+        if thread is not None:
+            assert thread.is_alive()
+        time.sleep(0.1)
+    pytest.fail("the use steps never ran")
+
+
+@pytest.mark.slow
+def test_a_killed_runner_reads_as_crashed_and_resumes(demo: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    import psutil
+
+    make_notebook(demo.root / "use.ipynb", BLOCKING_USE, "k = 1")
+    proc = _start_cli_run(demo)
+    run_id = _wait_for_running_use_steps(demo, proc)
+    kernels = _kernels_of(proc.pid)
+    proc.kill()  # SIGKILL: the runner cannot record anything
+    proc.communicate()
+    for kernel in kernels:  # orphans of the dead runner
+        kernel.kill()
+    psutil.wait_procs(kernels, timeout=30)
+
+    assert cli(["pipeline", "status", run_id]) == 0
+    status = capsys.readouterr().out
+    assert f"run {run_id}  crashed" in status
+    assert status.count("crashed") >= 4  # the run, both use steps and join, pending when it died
+    assert cli(["pipeline", "list"]) == 0
+    assert "crashed" in capsys.readouterr().out
+
+    (demo.root / "go").write_text("")
+    resumed = resume_pipeline(run_id, config=demo.config(), retry_backoff=0.01)
+    assert resumed.ok, {n: s.error for n, s in resumed.steps.items()}
+    assert statuses(resumed) == {"make": "kept", "use[k=1]": "succeeded", "use[k=2]": "succeeded",
+                                 "join": "succeeded"}
+    assert (demo.root / "final.txt").read_text() == "333" + "333333"

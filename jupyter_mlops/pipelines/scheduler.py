@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator, Mapping
 from ..errors import ScheduleError, UnknownScheduleError
 from .cron import CronError, CronSchedule, parse
 from .launcher import Launcher, RunHandle, SubprocessLauncher, pipeline_argv
-from .state import StateStore, register_schema
+from .liveness import pid_alive, process_start
+from .state import StateStore, register_columns, register_schema
 from .state import _shown as _shown_url
 
 __all__ = ["Fire", "Launcher", "POLICIES", "RunHandle", "Schedule", "ScheduleError", "Scheduler",
@@ -59,7 +60,8 @@ register_schema(
         lease_host TEXT,
         lease_pid INTEGER,
         lease_expires DOUBLE PRECISION,
-        lease_fire TEXT
+        lease_fire TEXT,
+        lease_pid_start TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS schedule_fires (
         id TEXT PRIMARY KEY,
@@ -77,10 +79,13 @@ register_schema(
     )""",
     "CREATE INDEX IF NOT EXISTS schedule_fires_schedule ON schedule_fires (schedule_id, recorded)",
 )
+# lease_pid_start: the leased process's start time, so a reused pid does not hold the lease
+register_columns("schedules", lease_pid_start="TEXT")
 
 #: Schedule ids double as Kubernetes CronJob names later: DNS labels short enough for the Job suffix.
 _ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
-_RELEASE = ("lease_token = NULL, lease_host = NULL, lease_pid = NULL, lease_expires = NULL, lease_fire = NULL")
+_RELEASE = ("lease_token = NULL, lease_host = NULL, lease_pid = NULL, lease_expires = NULL, lease_fire = NULL, "
+            "lease_pid_start = NULL")
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -153,18 +158,6 @@ class _Child:
     token: str
     fire_id: str
     handle: RunHandle
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _utcnow() -> datetime:
@@ -365,10 +358,11 @@ class Scheduler:
         stale = row["lease_token"]  # None, or a lease judged abandoned by _lease_held
         with self.store.transaction() as tx:
             taken = tx.execute(
-                "UPDATE schedules SET lease_token = ?, lease_host = ?, lease_pid = ?, lease_expires = ?, lease_fire = ?,"
-                " next_fire = ?, last_fire = ? WHERE id = ? AND paused = 0 AND next_fire = ?"
-                " AND (lease_token IS NULL OR lease_token = ?)",
-                [token, self.host, os.getpid(), now.timestamp() + self.lease_ttl, fire.id, following.timestamp(),
+                "UPDATE schedules SET lease_token = ?, lease_host = ?, lease_pid = ?, lease_pid_start = ?,"
+                " lease_expires = ?, lease_fire = ?, next_fire = ?, last_fire = ? WHERE id = ? AND paused = 0"
+                " AND next_fire = ? AND (lease_token IS NULL OR lease_token = ?)",
+                [token, self.host, os.getpid(), process_start(os.getpid()), now.timestamp() + self.lease_ttl,
+                 fire.id, following.timestamp(),
                  scheduled.timestamp(), schedule.id, row["next_fire"], stale])
             if taken != 1:
                 return None
@@ -390,8 +384,8 @@ class Scheduler:
             return failed
         log = getattr(handle, "log", None)
         with self.store.transaction() as tx:
-            tx.execute("UPDATE schedules SET lease_pid = ? WHERE id = ? AND lease_token = ?",
-                       [handle.pid, schedule.id, token])
+            tx.execute("UPDATE schedules SET lease_pid = ?, lease_pid_start = ? WHERE id = ? AND lease_token = ?",
+                       [handle.pid, process_start(handle.pid), schedule.id, token])
             tx.execute("UPDATE schedule_fires SET pid = ?, log = ? WHERE id = ?", [handle.pid, log, fire.id])
         self._running[schedule.id] = _Child(token, fire.id, handle)
         self._log(f"{schedule.id}: fire of {_shown(scheduled)} launched, pid {handle.pid}"
@@ -406,7 +400,7 @@ class Scheduler:
         if child is not None and child.token == token:
             return True
         if row["lease_host"] == self.host and os.name == "posix":
-            return _pid_alive(row["lease_pid"])
+            return pid_alive(row["lease_pid"], row.get("lease_pid_start"))
         return (row["lease_expires"] or 0.0) >= now.timestamp()
 
     def _reap(self, now: datetime) -> None:
