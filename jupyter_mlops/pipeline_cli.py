@@ -147,7 +147,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
         print(f"run {args.run_id} had no live runner (pid {run['pid']} on {run['host']}): marked cancelled")
         return 0
     if run["status"] != "running":
-        raise MlopsError(f"pipeline run {args.run_id} is not running (it {run['status']}); nothing to cancel")
+        raise MlopsError(f"pipeline run {args.run_id} is not running (status: {run['status']}); nothing to cancel")
     history.request_cancel(args.run_id)
     if run["cancel_signal"] and run["host"] == this_host() and pid_alive(run["pid"], run["pid_start"]):
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -453,3 +454,70 @@ def test_a_killed_runner_reads_as_crashed_and_resumes(demo: Project, capsys: pyt
     assert statuses(resumed) == {"make": "kept", "use[k=1]": "succeeded", "use[k=2]": "succeeded",
                                  "join": "succeeded"}
     assert (demo.root / "final.txt").read_text() == "333" + "333333"
+
+
+@pytest.mark.slow
+def test_a_second_run_of_one_pipeline_waits_for_the_first_or_refuses(demo: Project,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    make_notebook(demo.root / "use.ipynb", BLOCKING_USE, "k = 1")
+    first = _start_cli_run(demo)
+    first_id = _wait_for_running_use_steps(demo, first)
+
+    assert cli(["pipeline", "run", "pipeline.yaml", "--no-progress", "--no-wait"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"run {first_id} (pid {first.pid} on " in err and "pipeline cancel" in err
+
+    waiting = threading.Event()
+    messages: list[str] = []
+    second: list[Any] = []
+
+    def on_wait(message: str) -> None:
+        messages.append(message)
+        waiting.set()
+
+    thread = threading.Thread(target=lambda: second.append(run(demo, force=True, on_wait=on_wait)))
+    thread.start()
+    assert waiting.wait(120), "the second run never said it waits"
+    assert messages == [f"waiting for run {first_id} (pid {first.pid} on {socket.gethostname()}) of this pipeline "
+                        "to finish; --no-wait refuses"]
+    (demo.root / "go").write_text("")
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    thread.join(300)
+    (result,) = second
+    assert result.ok
+    store = open_store(demo.config().resolved_pipeline_state_url)
+    ended = store.query("SELECT ended FROM pipeline_runs WHERE id = ?", (first_id,))[0]["ended"]
+    assert all(step.started >= ended for step in result.steps.values()), "the two runs overlapped"
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_run_from_another_process(demo: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    make_notebook(demo.root / "use.ipynb", BLOCKING_USE, "k = 1")
+    store = open_store(demo.config().resolved_pipeline_state_url)
+
+    # a CLI run on this host: the cancel request, and SIGTERM as the fast path
+    proc = _start_cli_run(demo)
+    run_id = _wait_for_running_use_steps(demo, proc)
+    assert cli(["pipeline", "cancel", run_id]) == 0
+    assert f"run {run_id} cancelled" in capsys.readouterr().out
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    steps = {r["step"]: r["status"] for r in store.query("SELECT step, status FROM step_runs WHERE run_id = ?", (run_id,))}
+    assert steps == {"make": "succeeded", "use[k=1]": "cancelled", "use[k=2]": "cancelled", "join": "cancelled"}
+
+    # a run in a process that takes no SIGTERM (here: this one), cancelled by another process, as from
+    # another host: only the request in the store reaches it
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(run(demo)))
+    thread.start()
+    run_id = _wait_for_running_use_steps(demo, thread=thread)
+    done = subprocess.run([sys.executable, "-m", "jupyter_mlops", "pipeline", "cancel", run_id], cwd=demo.root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    thread.join(120)
+    (result,) = results
+    assert result.status == "cancelled"
+    assert statuses(result) == {"make": "cached", "use[k=1]": "cancelled", "use[k=2]": "cancelled", "join": "cancelled"}
+    assert cli(["pipeline", "cancel", run_id]) == 1
+    assert "is not running (status: cancelled)" in capsys.readouterr().err
