@@ -521,3 +521,17 @@ def test_cancel_stops_a_run_from_another_process(demo: Project, capsys: pytest.C
     assert statuses(result) == {"make": "cached", "use[k=1]": "cancelled", "use[k=2]": "cancelled", "join": "cancelled"}
     assert cli(["pipeline", "cancel", run_id]) == 1
     assert "is not running (status: cancelled)" in capsys.readouterr().err
+
+
+def test_resume_reruns_a_kept_step_whose_outputs_changed_since(demo: Project) -> None:
+    make_notebook(demo.root / "use.ipynb", FLAKY, "k = 1")
+    failed = run(demo)
+    assert statuses(failed)["make"] == "succeeded" and failed.status == "failed"
+    (demo.root / "data" / "x.txt").write_text("edited by hand")  # make's output, after that run
+    (demo.root / "fixed").write_text("")
+    make_notebook(demo.root / "use.ipynb", USE, "k = 1")
+    resumed = resume_pipeline(failed.run_id, config=demo.config(), retry_backoff=0.01)
+    assert resumed.ok
+    assert statuses(resumed) == dict.fromkeys(["make", "use[k=1]", "use[k=2]", "join"], "succeeded")
+    assert (demo.root / "data" / "x.txt").read_text() == "333"  # made again, not trusted as it was
+    assert (demo.root / "final.txt").read_text() == "333" + "333333"
