@@ -160,6 +160,18 @@ def _check_versionable(spec: PipelineSpec, names: set[str]) -> None:
                          "with DVC: run `jupyter mlops init` there first (git, DVC and a local remote)")
 
 
+def _import_kernel_modules() -> None:
+    """What a step's worker imports first (jupyter_client, through the kernel pool and specs), in
+    the main thread before the run's threads start: papermill and nbclient, in the prewarm thread,
+    import jupyter_client as well, and a worker importing ``jupyter_client.asynchronous.client``
+    while that thread is inside ``jupyter_client/__init__`` gets a partial module. Kernels need
+    these modules before anything else, so nothing waits longer for them."""
+    import importlib
+
+    for name in ("jupyter_client", "jupyter_mlops.kernels.pool", "jupyter_mlops.kernels.kernelspecs"):
+        importlib.import_module(name)
+
+
 def _new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -220,6 +232,7 @@ class _Runner:
         self.heartbeat = Heartbeat(self.history, self.result.run_id, self._cancel_requested).start()
         if self.force or self._likely_misses():
             pending = [n for n, s in self.result.steps.items() if s.status == "pending"]
+            _import_kernel_modules()  # before the prewarm thread starts: see there
             self.executor.prepare(len(pending), self._kernels(pending))
             self._prewarm_data()
         try:
@@ -302,7 +315,15 @@ class _Runner:
     def _prewarm_data(self) -> None:
         """Import papermill at once and DVC once the first kernel is claimed (together they are
         seconds of CPU that would otherwise fall inside the first steps; on a small machine they
-        must not slow the first kernel's start either)."""
+        must not slow the first kernel's start either).
+
+        No import here may race with a worker's: a thread that imports a submodule of a package
+        another thread is still initializing gets the half-made package ("cannot import name ...
+        from partially initialized module", or _DeadlockError). So this thread imports whole
+        top-level packages only (another thread importing one waits for it to be complete), the
+        packages the workers import submodules of first thing (jupyter_client, under papermill
+        and nbclient too) are complete before it starts (:func:`_import_kernel_modules`), and DVC
+        is imported under DATA_LOCK, which every use of DVC in the run holds."""
         versioned = any(self.spec.steps[n].outputs for n, s in self.result.steps.items() if s.status == "pending")
 
         def load() -> None:
