@@ -34,6 +34,7 @@ def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--no-wait", action="store_true",
                    help="while another run of this pipeline goes, fail naming it (default: wait for it)")
     p.add_argument("--schedule-id", help=argparse.SUPPRESS)  # set by the scheduler
+    p.add_argument("--logical-date", help=argparse.SUPPRESS)  # set by the scheduler: the fire time
     p.set_defaults(func=_cmd_run)
 
     p = cmds.add_parser("resume", help="re-run the failed steps of a run and what depends on them")
@@ -108,7 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = run_pipeline(args.pipeline, parameters=parameters(args.parameters),
                               only=args.only, force=args.force, workers=args.workers, listener=progress,
                               schedule_id=args.schedule_id, kernel_name=args.kernel, wait=not args.no_wait,
-                              on_wait=_waiting, cancel_signal=True)
+                              on_wait=_waiting, cancel_signal=True, logical_date=args.logical_date)
     except KeyboardInterrupt:
         progress.close()
         print("cancelled: running kernels were stopped; resume with `jupyter mlops pipeline resume RUN_ID` "

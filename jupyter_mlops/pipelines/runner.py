@@ -70,6 +70,7 @@ def run_pipeline(
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
     cancel_signal: bool = False,
+    logical_date: str | None = None,
 ) -> PipelineResult:
     """Run the pipeline in ``path``. Returns its result (status ``cancelled`` after ``pipeline
     cancel``); raises :class:`PipelineSpecError` for a pipeline that cannot run, and
@@ -81,15 +82,19 @@ def run_pipeline(
     the log) or, without ``wait``, raise :class:`~jupyter_mlops.errors.PipelineBusyError`.
     ``cancel_signal``: this process turns SIGTERM into a clean cancel (the CLI does), so ``pipeline
     cancel`` on this host may send one instead of waiting for the heartbeat to see its request.
+    ``logical_date``: the time a scheduled run stands for (ISO 8601, the schedule's zone), given as
+    the parameter ``logical_date`` to the steps whose notebooks declare it, unless ``-p`` sets it.
     """
     config = config or load_config()
     spec = load_pipeline(path, parameters)
+    _set_logical_date(spec, logical_date, parameters or {})
     dag = build_dag(spec)
     selected = _select(spec, dag, only)
     _check_versionable(spec, selected)
     runner = _Runner(spec, dag, config, selected=selected, force=force, workers=workers, listener=listener,
                      schedule_id=schedule_id, kernel_name=kernel_name, retry_backoff=retry_backoff,
-                     parameters=dict(parameters or {}), options={"only": sorted(only), "force": force}, pool=pool)
+                     parameters=dict(parameters or {}), pool=pool,
+                     options={"only": sorted(only), "force": force, **({"logical_date": logical_date} if logical_date else {})})
     return runner.run(wait=wait, on_wait=on_wait, cancel_signal=cancel_signal)
 
 
@@ -116,13 +121,14 @@ def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener:
     steps = {r["step"]: r for r in history.steps(run_id)}
     parameters = json.loads(row["parameters"])
     spec = load_pipeline(row["file"], parameters)
+    options = json.loads(row["options"] or "{}")
+    _set_logical_date(spec, options.get("logical_date"), parameters)  # the same date as the run it resumes
     dag = build_dag(spec)
     previous = set(steps) & set(spec.steps)  # the steps that run selected (all, or its --only)
     redo = {name for name in previous if steps[name]["status"] not in DONE_OK}
     redo |= {name for name in previous - redo if not _outputs_hold(spec.steps[name], steps[name], spec.file.parent)}
     if not redo:
         raise MlopsError(f"pipeline run {run_id} has nothing to resume: every step succeeded")
-    options = json.loads(row["options"] or "{}")
     closure = dag.downstream(redo) & previous
     kept = {name: steps[name] for name in previous - closure}
     runner = _Runner(spec, dag, config, selected=closure, force=False, workers=workers, listener=listener,
@@ -138,6 +144,17 @@ def _outputs_hold(step: StepSpec, row: Mapping[str, Any], base: Path) -> bool:
     if recorded is None:
         return not step.outputs
     return all(cache.version_md5(base / rel, base) == md5 for rel, md5 in recorded.items())
+
+
+def _set_logical_date(spec: PipelineSpec, logical_date: str | None, parameters: Mapping[str, Any]) -> None:
+    """A scheduled run's fire time, for the notebooks that declare ``logical_date`` (a ``-p`` of it,
+    as for a backfill, wins). It is a parameter like any: in the step's cache key, so a step that
+    reads it runs again for each new date."""
+    if logical_date is None or any(name.rpartition(".")[2] == "logical_date" for name in parameters):
+        return
+    for step in spec.steps.values():
+        if "logical_date" in step.defaults:
+            step.parameters["logical_date"] = logical_date
 
 
 def _select(spec: PipelineSpec, dag: Dag, only: Iterable[str]) -> set[str]:
@@ -354,6 +371,8 @@ class _Runner:
         names = [n for n, s in self.result.steps.items() if s.status == "pending"]
         if not names:
             return False
+        if not all(self.spec.steps[n].cache for n in names):
+            return True
         return bool(set(names) - self.history.cached_steps(str(self.spec.file)))
 
     def _decided_without_running(self, name: str) -> bool:
@@ -367,7 +386,7 @@ class _Runner:
         key = cache.step_key(step, inputs)
         self.result.steps[name].cache_key = key
         self.result.steps[name].inputs = inputs
-        if self.force:
+        if self.force or not step.cache:
             return False
         entry = self.history.cache_entry(str(self.spec.file), name)
         if entry is None or entry.key != key or not cache.outputs_unchanged(entry, self.base):
