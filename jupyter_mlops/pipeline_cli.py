@@ -88,7 +88,7 @@ def _report(result: Any, progress: Any) -> int:
     if result.spool_id:
         print("runs upload to the tracking store in the background (jupyter mlops runs; jupyter mlops ui)")
     if result.status == "cancelled":  # by `pipeline cancel`: as for Ctrl-C
-        print(f"cancelled; resume with `jupyter mlops pipeline resume {result.run_id}`", file=sys.stderr)
+        print("cancelled", file=sys.stderr)  # the summary above says how to resume
         return 130
     return 0 if result.ok else 1
 

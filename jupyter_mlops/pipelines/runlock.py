@@ -69,6 +69,7 @@ def _try_take(history: RunHistory, result: Any, holder: tuple[str, int, str | No
                 return {}
             if other["id"] is not None:
                 RunHistory.mark_ended(tx, other["id"], "crashed")
+        result.started = now  # the run starts now, not when it began to wait
         RunHistory.insert_run(tx, result, holder=holder, **row)
     return None
 
