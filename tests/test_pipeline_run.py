@@ -535,3 +535,38 @@ def test_resume_reruns_a_kept_step_whose_outputs_changed_since(demo: Project) ->
     assert statuses(resumed) == dict.fromkeys(["make", "use[k=1]", "use[k=2]", "join"], "succeeded")
     assert (demo.root / "data" / "x.txt").read_text() == "333"  # made again, not trusted as it was
     assert (demo.root / "final.txt").read_text() == "333" + "333333"
+
+
+def test_a_lock_held_by_a_dead_run_is_taken_over_and_a_live_one_refuses(demo: Project) -> None:
+    import os
+
+    from jupyter_mlops.errors import PipelineBusyError
+    from jupyter_mlops.pipelines.history import RunHistory
+    from jupyter_mlops.pipelines.liveness import process_start, this_host
+    from jupyter_mlops.pipelines.results import PipelineResult
+    from jupyter_mlops.pipelines.runlock import start_run
+
+    history = RunHistory(open_store(demo.config().resolved_pipeline_state_url))
+    file = str(demo.root / "pipeline.yaml")
+    row = {"parameters": {}, "options": {}, "resumed_from": None, "schedule_id": None, "cancel_signal": False}
+
+    def holder(run_id: str, start: str | None) -> None:
+        with history.store.transaction() as tx:
+            tx.execute("INSERT INTO pipeline_runs (id, pipeline, file, status, started, parameters, options, host, "
+                       "pid, pid_start) VALUES (?, 'demo', ?, 'running', ?, '{}', '{}', ?, ?, ?)",
+                       (run_id, file, time.time(), this_host(), os.getpid(), start))
+            tx.execute("INSERT INTO pipeline_locks (pipeline_file, run_id, taken) VALUES (?, ?, ?)",
+                       (file, run_id, time.time()))
+
+    holder("dead", "1")  # our pid, but another process's start time: its runner is gone
+    mine = PipelineResult("mine", "demo", file)
+    start_run(history, mine, wait=False, on_wait=print, cancel=threading.Event(), **row)
+    assert history.run("dead")["status"] == "crashed"
+    assert history.store.query("SELECT run_id FROM pipeline_locks") == [{"run_id": "mine"}]
+
+    history.finish("mine", "succeeded", time.time())
+    holder("alive", process_start(os.getpid()))
+    with pytest.raises(PipelineBusyError, match=f"run alive \\(pid {os.getpid()} on {this_host()}\\)"):
+        start_run(history, PipelineResult("other", "demo", file), wait=False, on_wait=print,
+                  cancel=threading.Event(), **row)
+    assert history.run("other") is None and history.run("alive")["status"] == "running"
