@@ -41,6 +41,7 @@ from .executor import (
     kernel_choice,
 )
 from .history import RunHistory
+from .prewarm import import_kernel_modules, start_prewarm
 from .recording import PipelineRecorder
 from .runlock import Heartbeat, start_run
 from .results import DONE_OK, STEP_STATES, PipelineResult, StepResult
@@ -93,8 +94,8 @@ def run_pipeline(
     _check_versionable(spec, selected)
     runner = _Runner(spec, dag, config, selected=selected, force=force, workers=workers, listener=listener,
                      schedule_id=schedule_id, kernel_name=kernel_name, retry_backoff=retry_backoff,
-                     parameters=dict(parameters or {}), pool=pool,
-                     options={"only": sorted(only), "force": force, **({"logical_date": logical_date} if logical_date else {})})
+                     parameters=dict(parameters or {}), pool=pool, options={
+                         "only": sorted(only), "force": force, **({"logical_date": logical_date} if logical_date else {})})
     return runner.run(wait=wait, on_wait=on_wait, cancel_signal=cancel_signal)
 
 
@@ -177,18 +178,6 @@ def _check_versionable(spec: PipelineSpec, names: set[str]) -> None:
                          "with DVC: run `jupyter mlops init` there first (git, DVC and a local remote)")
 
 
-def _import_kernel_modules() -> None:
-    """What a step's worker imports first (jupyter_client, through the kernel pool and specs), in
-    the main thread before the run's threads start: papermill and nbclient, in the prewarm thread,
-    import jupyter_client as well, and a worker importing ``jupyter_client.asynchronous.client``
-    while that thread is inside ``jupyter_client/__init__`` gets a partial module. Kernels need
-    these modules before anything else, so nothing waits longer for them."""
-    import importlib
-
-    for name in ("jupyter_client", "jupyter_mlops.kernels.pool", "jupyter_mlops.kernels.kernelspecs"):
-        importlib.import_module(name)
-
-
 def _new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -249,7 +238,7 @@ class _Runner:
         self.heartbeat = Heartbeat(self.history, self.result.run_id, self._cancel_requested).start()
         if self.force or self._likely_misses():
             pending = [n for n, s in self.result.steps.items() if s.status == "pending"]
-            _import_kernel_modules()  # before the prewarm thread starts: see there
+            import_kernel_modules()  # before any thread of the run starts (see .prewarm)
             self.executor.prepare(len(pending), self._kernels(pending))
             self._prewarm_data()
         try:
@@ -330,40 +319,9 @@ class _Runner:
     # -- cache ------------------------------------------------------------------------------------
 
     def _prewarm_data(self) -> None:
-        """Import papermill at once and DVC once the first kernel is claimed (together they are
-        seconds of CPU that would otherwise fall inside the first steps; on a small machine they
-        must not slow the first kernel's start either).
-
-        No import here may race with a worker's: a thread that imports a submodule of a package
-        another thread is still initializing gets the half-made package ("cannot import name ...
-        from partially initialized module", or _DeadlockError). So this thread imports whole
-        top-level packages only (another thread importing one waits for it to be complete), the
-        packages the workers import submodules of first thing (jupyter_client, under papermill
-        and nbclient too) are complete before it starts (:func:`_import_kernel_modules`), and DVC
-        is imported under DATA_LOCK, which every use of DVC in the run holds."""
+        """Papermill now and DVC after the first claim, in the background (see :mod:`.prewarm`)."""
         versioned = any(self.spec.steps[n].outputs for n, s in self.result.steps.items() if s.status == "pending")
-
-        def load() -> None:
-            import importlib
-
-            try:  # this thread only (Linux: a thread is a task): the steps' kernels go first
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-            except (AttributeError, OSError):
-                pass
-            try:
-                for name in ("papermill", "nbclient", "jupyter_mlops.pipelines.notebook"):
-                    importlib.import_module(name)
-                first_claim = getattr(self.executor, "first_claim", None)
-                if not versioned or (first_claim is not None and not first_claim.wait(300)) or self.cancel.is_set():
-                    return
-                from ..data import api
-
-                with cache.DATA_LOCK:
-                    api._project(self.base).repo  # noqa: B018 - opens the DVC repo (and imports dvc)
-            except Exception:  # only a head start: the real use reports any problem
-                return
-
-        threading.Thread(target=load, name="mlops-prewarm", daemon=True).start()
+        start_prewarm(self.executor, self.base, versioned=versioned, cancel=self.cancel)
 
     def _likely_misses(self) -> bool:
         """Start kernels right away unless every selected step has a cache entry (a no-op re-run
