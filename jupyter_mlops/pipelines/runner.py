@@ -236,12 +236,12 @@ class _Runner:
             self.executor.close()
             raise
         self.heartbeat = Heartbeat(self.history, self.result.run_id, self._cancel_requested).start()
-        if self.force or self._likely_misses():
-            pending = [n for n, s in self.result.steps.items() if s.status == "pending"]
-            import_kernel_modules()  # before any thread of the run starts (see .prewarm)
-            self.executor.prepare(len(pending), self._kernels(pending))
-            self._prewarm_data()
-        try:
+        try:  # from here on, whatever happens ends the run (and releases the pipeline)
+            if self.force or self._likely_misses():
+                pending = [n for n, s in self.result.steps.items() if s.status == "pending"]
+                import_kernel_modules()  # before any thread of the run starts (see .prewarm)
+                self.executor.prepare(len(pending), self._kernels(pending))
+                self._prewarm_data()
             self._loop()
         except KeyboardInterrupt:
             self._finish("cancelled")
@@ -530,9 +530,11 @@ class _Runner:
         r.status = status
         r.ended = time.time()
         self.heartbeat.stop()
-        self.executor.close()
-        self.recorder.finish(r, STEP_STATES)
-        self.history.finish(r.run_id, status, r.ended)
+        try:
+            self.executor.close()
+            self.recorder.finish(r, STEP_STATES)
+        finally:  # the run's end and the pipeline's release, whatever failed above
+            self.history.finish(r.run_id, status, r.ended)
         if status == "failed" and self.config.pipeline_webhook_url:
             from .notify import notify_failure
 
