@@ -196,7 +196,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
                              "(jupyter mlops pipeline list)")
         print("no pipeline has run here yet: jupyter mlops pipeline run PIPELINE.yaml")
         return 0
-    print(f"pipeline {run['pipeline']}  run {run['id']}  {run['status']}  started {_when(run['started'])}  "
+    from .pipelines.results import run_summary
+
+    status = run_summary(run["status"], history.step_counts([run["id"]]).get(run["id"], {}))
+    print(f"pipeline {run['pipeline']}  run {run['id']}  {status}  started {_when(run['started'])}  "
           f"took {_took(run['started'], run['ended'])}")
     print(f"  file: {run['file']}")
     params = json.loads(run["parameters"] or "{}")
