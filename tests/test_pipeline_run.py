@@ -524,6 +524,18 @@ def test_cancel_stops_a_run_from_another_process(demo: Project, capsys: pytest.C
     assert cli(["pipeline", "cancel", run_id]) == 1
     assert "is not running (status: cancelled)" in capsys.readouterr().err
 
+    # a run that others judged dead (its heartbeat late, seen from a host whose clock is ahead) has
+    # lost its pipeline to whoever took it: it stops rather than go on beside them
+    results.clear()
+    thread = threading.Thread(target=lambda: results.append(run(demo)))
+    thread.start()
+    run_id = _wait_for_running_use_steps(demo, thread=thread)
+    with store.transaction() as tx:
+        tx.execute("UPDATE pipeline_runs SET status = 'crashed' WHERE id = ?", (run_id,))
+    thread.join(120)
+    (result,) = results
+    assert result.status == "cancelled" and statuses(result)["use[k=1]"] == "cancelled"
+
 
 def test_resume_reruns_a_kept_step_whose_outputs_changed_since(demo: Project) -> None:
     make_notebook(demo.root / "use.ipynb", FLAKY, "k = 1")

@@ -65,11 +65,13 @@ class RunHistory:
             tx.execute("DELETE FROM pipeline_locks WHERE run_id = ?", (run_id,))
 
     def beat(self, run_id: str) -> bool:
-        """Renew the run's heartbeat; True when someone asked to cancel it."""
+        """Renew the run's heartbeat; True when the run must stop: someone asked to cancel it, or
+        it was judged dead (its heartbeat was not seen in time, say from a host whose clock is
+        ahead) and so no longer holds its pipeline."""
         with self.store.transaction() as tx:
             tx.execute("UPDATE pipeline_runs SET heartbeat = ? WHERE id = ?", (time.time(), run_id))
-            rows = tx.rows("SELECT cancel_requested FROM pipeline_runs WHERE id = ?", (run_id,))
-        return bool(rows and rows[0]["cancel_requested"])
+            rows = tx.rows("SELECT cancel_requested, status FROM pipeline_runs WHERE id = ?", (run_id,))
+        return bool(rows and (rows[0]["cancel_requested"] or rows[0]["status"] != "running"))
 
     # -- runs whose runner is gone ----------------------------------------------------------------
 
