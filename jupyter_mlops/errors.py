@@ -184,6 +184,16 @@ class StepInputError(MlopsError):
     """A step's input is missing (and no step of this run writes it)."""
 
 
+class PipelineBusyError(MlopsError):
+    """Another live run of the same pipeline file holds it (a run asked not to wait)."""
+
+    def __init__(self, pipeline_file: str, run_id: str, where: str) -> None:
+        self.pipeline_file = pipeline_file
+        self.run_id = run_id
+        super().__init__(f"{pipeline_file} is being run by run {run_id} ({where}); wait for it (run without "
+                         f"--no-wait) or stop it: jupyter mlops pipeline cancel {run_id}")
+
+
 class CronError(MlopsError, ValueError):
     """A cron expression (or its time zone) that cannot be used; the message says the fix."""
 

@@ -1,9 +1,11 @@
-"""``jupyter mlops pipeline run|resume|status|list``: a thin face over pipelines.runner."""
+"""``jupyter mlops pipeline run|resume|cancel|status|list``: a thin face over pipelines.runner."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -29,14 +31,25 @@ def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--workers", type=int, help="steps at once (default: the pipeline's `workers:`, else 2)")
     p.add_argument("--no-progress", action="store_true", help="one line per step state change, nothing redrawn")
     p.add_argument("--kernel", default="python3", help="kernel spec for steps that name no environment or profile (default python3)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="while another run of this pipeline goes, fail naming it (default: wait for it)")
     p.add_argument("--schedule-id", help=argparse.SUPPRESS)  # set by the scheduler
+    p.add_argument("--logical-date", help=argparse.SUPPRESS)  # set by the scheduler: the fire time
     p.set_defaults(func=_cmd_run)
 
     p = cmds.add_parser("resume", help="re-run the failed steps of a run and what depends on them")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--workers", type=int)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-wait", action="store_true",
+                   help="while another run of this pipeline goes, fail naming it (default: wait for it)")
     p.set_defaults(func=_cmd_resume)
+
+    p = cmds.add_parser("cancel", help="stop a running pipeline run (from any host sharing its state store)")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the run to stop (default 60); it stops anyway, later")
+    p.set_defaults(func=_cmd_cancel)
 
     p = cmds.add_parser("status", help="the steps of a pipeline run (default: the latest)")
     p.add_argument("run_id", nargs="?", metavar="RUN_ID")
@@ -74,7 +87,14 @@ def _report(result: Any, progress: Any) -> int:
         print(f"output notebooks: {Path(ran[0].output_notebook).parent}")
     if result.spool_id:
         print("runs upload to the tracking store in the background (jupyter mlops runs; jupyter mlops ui)")
+    if result.status == "cancelled":  # by `pipeline cancel`: as for Ctrl-C
+        print("cancelled", file=sys.stderr)  # the summary above says how to resume
+        return 130
     return 0 if result.ok else 1
+
+
+def _waiting(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -88,7 +108,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run_pipeline(args.pipeline, parameters=parameters(args.parameters),
                               only=args.only, force=args.force, workers=args.workers, listener=progress,
-                              schedule_id=args.schedule_id, kernel_name=args.kernel)
+                              schedule_id=args.schedule_id, kernel_name=args.kernel, wait=not args.no_wait,
+                              on_wait=_waiting, cancel_signal=True, logical_date=args.logical_date)
     except KeyboardInterrupt:
         progress.close()
         print("cancelled: running kernels were stopped; resume with `jupyter mlops pipeline resume RUN_ID` "
@@ -103,12 +124,45 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     _terminate_as_interrupt()
     progress = _listener(args.no_progress)
     try:
-        result = resume_pipeline(args.run_id, listener=progress, workers=args.workers)
+        result = resume_pipeline(args.run_id, listener=progress, workers=args.workers, wait=not args.no_wait,
+                                 on_wait=_waiting, cancel_signal=True)
     except KeyboardInterrupt:
         progress.close()
         print("cancelled", file=sys.stderr)
         return 130
     return _report(result, progress)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    """Ask the run to stop (its heartbeat sees the request on any host; on this one a runner that
+    takes SIGTERM as a cancel gets one too), then wait for it to say it stopped."""
+    from .errors import MlopsError
+    from .pipelines.liveness import pid_alive, this_host
+
+    history = _history()
+    run = history.run(args.run_id)
+    if run is None:
+        raise MlopsError(f"no pipeline run {args.run_id!r}; {history.unknown_run_hint()} (jupyter mlops pipeline list)")
+    if run["status"] == "running" and not history.alive(run):
+        history.settle(run, "cancelled")  # nobody is running it: the mark is all there is to do
+        print(f"run {args.run_id} had no live runner (pid {run['pid']} on {run['host']}): marked cancelled")
+        return 0
+    if run["status"] != "running":
+        raise MlopsError(f"pipeline run {args.run_id} is not running (status: {run['status']}); nothing to cancel")
+    history.request_cancel(args.run_id)
+    if run["cancel_signal"] and run["host"] == this_host() and pid_alive(run["pid"], run["pid_start"]):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(run["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        run = history.settle(history.run(args.run_id) or run, "cancelled")
+        if run["status"] != "running":
+            print(f"run {args.run_id} {run['status']}")
+            return 0
+        time.sleep(0.2)  # polling the store: the runner is another process, maybe on another host
+    print(f"run {args.run_id} was asked to stop and has not yet (pid {run['pid']} on {run['host']}); "
+          f"see `jupyter mlops pipeline status {args.run_id}`", file=sys.stderr)
+    return 1
 
 
 def _history() -> Any:
@@ -134,13 +188,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     history = _history()
     run = history.run(args.run_id) if args.run_id else history.latest()
+    if run is not None:
+        run = history.settle(run)  # a run whose runner died says crashed, not running
     if run is None:
         if args.run_id:
             raise MlopsError(f"no pipeline run {args.run_id!r}; {history.unknown_run_hint()} "
                              "(jupyter mlops pipeline list)")
         print("no pipeline has run here yet: jupyter mlops pipeline run PIPELINE.yaml")
         return 0
-    print(f"pipeline {run['pipeline']}  run {run['id']}  {run['status']}  started {_when(run['started'])}  "
+    from .pipelines.results import run_summary
+
+    status = run_summary(run["status"], history.step_counts([run["id"]]).get(run["id"], {}))
+    print(f"pipeline {run['pipeline']}  run {run['id']}  {status}  started {_when(run['started'])}  "
           f"took {_took(run['started'], run['ended'])}")
     print(f"  file: {run['file']}")
     params = json.loads(run["parameters"] or "{}")
@@ -163,10 +222,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no pipeline runs yet: jupyter mlops pipeline run PIPELINE.yaml")
         return 0
+    from .pipelines.results import run_summary
+
     counts = history.step_counts(r["id"] for r in rows)
     print(f"{'run':<23} {'pipeline':<16} {'status':<10} {'started':<19} {'time':>8}  steps")
     for r in rows:
         steps = ", ".join(f"{n} {k}" for k, n in sorted(counts.get(r["id"], {}).items()))
-        print(f"{r['id']:<23} {r['pipeline'][:16]:<16} {r['status']:<10} {_when(r['started']):<19} "
+        status = run_summary(r["status"], counts.get(r["id"], {}), short=True)
+        print(f"{r['id']:<23} {r['pipeline'][:16]:<16} {status:<10} {_when(r['started']):<19} "
               f"{_took(r['started'], r['ended']):>8}  {steps}")
     return 0

@@ -35,6 +35,9 @@ def add_schedule_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
                    help="fires missed while no scheduler ran: skip them (default) or run once for them all")
     add_parameter_option(p, "pipeline parameter for every run (repeatable), as for `pipeline run`")
     p.add_argument("--name", help="schedule id (default: from the pipeline's name)")
+    p.add_argument("--force", action="store_true",
+                   help="run every step at each fire, even when its cache says unchanged (the notebooks read a "
+                        "database or an API); or set `cache: false` on those steps only")
     p.set_defaults(func=_cmd_add)
 
     p = commands.add_parser("list", help="schedules, their next fire and how the last one went")
@@ -84,8 +87,9 @@ def _cmd_add(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.pipeline} has no `schedule:`; give --cron 'MIN HOUR DAY MONTH WEEKDAY' "
                          "(e.g. '0 3 * * 1') or add `schedule:` to the file")
     added = _scheduler().add(spec.file, cron, tz=args.tz, policy=args.policy, parameters=parameters,
-                             name=args.name, pipeline_name=spec.name)
-    print(f"Scheduled {added.id}: {added.pipeline_file} at '{added.cron}' ({added.tz}), policy {added.policy}.")
+                             name=args.name, pipeline_name=spec.name, force=args.force)
+    print(f"Scheduled {added.id}: {added.pipeline_file} at '{added.cron}' ({added.tz}), policy {added.policy}"
+          + (", every step forced." if added.force else "."))
     print(f"  next run: {_when(added.next_fire, added.tz)}. Runs start while a scheduler runs: jupyter mlops scheduler")
     return 0
 

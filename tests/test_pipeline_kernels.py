@@ -258,3 +258,18 @@ def test_re_locking_an_environment_changes_the_keys_of_its_steps(tmp_path: Path,
     first = _environment_lock("demo")
     (tmp_path / "demo" / "conda-lock.yml").write_text("version: 1\npackage: [{name: x}]\n")
     assert first is not None and _environment_lock("demo") not in (None, first)
+
+
+@pytest.mark.slow
+def test_a_fresh_runner_process_never_races_its_own_imports(mlops_kernels_project: Project) -> None:
+    """The CLI in a fresh interpreter: the prewarm thread and the steps' workers import papermill,
+    the kernel modules and DVC at once. Each try is a new process, so each one races anew."""
+    root = mlops_kernels_project.root
+    # no plain step: nothing imports the kernel modules before the threads start
+    (root / "pipeline.yaml").write_text(PIPELINE.split("  plain:")[0])
+    command = [sys.executable, "-m", "jupyter_mlops", "pipeline", "run", "pipeline.yaml", "--no-progress", "--force"]
+    for attempt in range(4):
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, f"try {attempt + 1}:\n{out[-4000:]}"
+        assert "partially initialized" not in out and "Deadlock" not in out

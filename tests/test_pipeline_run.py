@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -297,9 +298,11 @@ def test_cli_run_status_list_and_errors(demo: Project, capsys: pytest.CaptureFix
     assert cli(["pipeline", "status"]) == 0
     status = capsys.readouterr().out
     assert "cached from" in status and "join" in status
+    assert "  succeeded, all cached  " in status.splitlines()[0]  # it computed nothing, and says so
     assert cli(["pipeline", "list"]) == 0
-    listing = capsys.readouterr().out
-    assert "4 cached" in listing and "4 succeeded" in listing
+    listing = capsys.readouterr().out.splitlines()
+    assert "all cached" in listing[1] and "4 cached" in listing[1]
+    assert "succeeded" in listing[2] and "4 succeeded" in listing[2]
     assert cli(["pipeline", "status", "nope"]) == 1
     assert "no pipeline run 'nope'" in capsys.readouterr().err
     assert cli(["pipeline", "run", "pipeline.yaml", "-p", "nothere=1"]) == 1
@@ -329,3 +332,255 @@ def test_outputs_outside_a_dvc_project_fail_before_anything_runs(mlops_project: 
     assert cli(["pipeline", "run", "pipeline.yaml"]) == 1
     assert "is not in a DVC project" in capsys.readouterr().err
     assert not (mlops_project.root / "data").exists()  # the notebook never ran
+
+
+# -- the run lifecycle: dead runners, one run per pipeline, cancel ------------------------------------
+
+OLD_RUNS_TABLE = """CREATE TABLE pipeline_runs (id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, file TEXT NOT NULL,
+    status TEXT NOT NULL, started DOUBLE PRECISION NOT NULL, ended DOUBLE PRECISION, parameters TEXT NOT NULL,
+    options TEXT NOT NULL, resumed_from TEXT, schedule_id TEXT, spool_id TEXT, host TEXT, pid INTEGER)"""
+
+
+def _open_old_store(url: str) -> Any:
+    """A store whose pipeline_runs table was created by an earlier release (no heartbeat etc.)."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(url[len("sqlite:///"):])
+        conn.execute(OLD_RUNS_TABLE)
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(OLD_RUNS_TABLE)
+    from jupyter_mlops.pipelines.state import StateStore
+
+    return StateStore(url)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_an_old_database_gains_the_new_columns(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> None:
+    url = f"sqlite:///{tmp_path}/old.db" if backend == "sqlite" else request.getfixturevalue("mlops_postgres_uri")
+    store = _open_old_store(url)
+    try:
+        row = ("r1", "p", "/p.yaml", "running", time.time(), "{}", "{}", "elsewhere", 1, 0.0)
+        with store.transaction() as tx:
+            tx.execute("INSERT INTO pipeline_runs (id, pipeline, file, status, started, parameters, options, host, "
+                       "pid, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        assert store.query("SELECT heartbeat, pid_start, cancel_requested FROM pipeline_runs") == [
+            {"heartbeat": 0.0, "pid_start": None, "cancel_requested": None}]
+    finally:
+        store.close()
+    from jupyter_mlops.pipelines.state import StateStore
+
+    StateStore(url).close()  # opening it again finds nothing to add
+
+
+def test_a_runner_is_dead_when_its_pid_was_reused_or_its_remote_heartbeat_stopped(demo: Project) -> None:
+    import os
+
+    from jupyter_mlops.pipelines.history import RunHistory
+    from jupyter_mlops.pipelines.liveness import process_start, this_host
+
+    history = RunHistory(open_store(demo.config().resolved_pipeline_state_url))
+    now = time.time()
+    runs = {  # id: (host, pid, pid start, heartbeat) -> alive?
+        "me": ((this_host(), os.getpid(), process_start(os.getpid()), None), True),
+        "reused": ((this_host(), os.getpid(), "1", None), False),  # our pid, another process's start
+        "far-fresh": (("another-host", 1, None, now), True),
+        "far-stale": (("another-host", 1, None, now - 3600), False),
+    }
+    with history.store.transaction() as tx:
+        for run_id, ((host, pid, start, beat), _) in runs.items():
+            tx.execute("INSERT INTO pipeline_runs (id, pipeline, file, status, started, parameters, options, host, "
+                       "pid, pid_start, heartbeat) VALUES (?, 'demo', 'f', 'running', ?, '{}', '{}', ?, ?, ?, ?)",
+                       (run_id, now - 7200, host, pid, start, beat))
+            tx.execute("INSERT INTO step_runs (run_id, step, status) VALUES (?, 'a', 'running')", (run_id,))
+    settled = {r["id"]: r["status"] for r in history.recent()}
+    assert settled == {run_id: "running" if alive else "crashed" for run_id, (_, alive) in runs.items()}
+    assert history.steps("reused")[0]["status"] == "crashed"
+
+
+#: use[k] waits for the file `go`: the run stays in that step until the test lets it go
+BLOCKING_USE = ["import pathlib, time\nwhile not pathlib.Path('go').exists():\n    time.sleep(0.05)", *USE]
+
+
+def _start_cli_run(project: Project, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "jupyter_mlops", "pipeline", "run",
+                             "pipeline.yaml", "--no-progress", *extra],
+                            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_running_use_steps(project: Project, proc: subprocess.Popen[str] | None = None,
+                                thread: threading.Thread | None = None) -> str:
+    """The run id, once both use[k] steps are running (in their blocking cell)."""
+    store = open_store(project.config().resolved_pipeline_state_url)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        rows = store.query("SELECT run_id FROM step_runs WHERE step LIKE 'use%' AND status = 'running'")
+        if len(rows) == 2:
+            return str(rows[0]["run_id"])
+        if proc is not None:
+            assert proc.poll() is None, proc.communicate()[0]
+        if thread is not None:
+            assert thread.is_alive()
+        time.sleep(0.1)
+    pytest.fail("the use steps never ran")
+
+
+@pytest.mark.slow
+def test_a_killed_runner_reads_as_crashed_and_resumes(demo: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    import psutil
+
+    make_notebook(demo.root / "use.ipynb", BLOCKING_USE, "k = 1")
+    proc = _start_cli_run(demo)
+    run_id = _wait_for_running_use_steps(demo, proc)
+    kernels = _kernels_of(proc.pid)
+    proc.kill()  # SIGKILL: the runner cannot record anything
+    proc.communicate()
+    for kernel in kernels:  # orphans of the dead runner
+        kernel.kill()
+    psutil.wait_procs(kernels, timeout=30)
+
+    assert cli(["pipeline", "status", run_id]) == 0
+    status = capsys.readouterr().out
+    assert f"run {run_id}  crashed" in status
+    assert status.count("crashed") >= 4  # the run, both use steps and join, pending when it died
+    assert cli(["pipeline", "list"]) == 0
+    assert "crashed" in capsys.readouterr().out
+
+    (demo.root / "go").write_text("")
+    resumed = resume_pipeline(run_id, config=demo.config(), retry_backoff=0.01)
+    assert resumed.ok, {n: s.error for n, s in resumed.steps.items()}
+    assert statuses(resumed) == {"make": "kept", "use[k=1]": "succeeded", "use[k=2]": "succeeded",
+                                 "join": "succeeded"}
+    assert (demo.root / "final.txt").read_text() == "333" + "333333"
+
+
+@pytest.mark.slow
+def test_a_second_run_of_one_pipeline_waits_for_the_first_or_refuses(demo: Project,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    make_notebook(demo.root / "use.ipynb", BLOCKING_USE, "k = 1")
+    first = _start_cli_run(demo)
+    first_id = _wait_for_running_use_steps(demo, first)
+
+    assert cli(["pipeline", "run", "pipeline.yaml", "--no-progress", "--no-wait"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"run {first_id} (pid {first.pid} on " in err and "pipeline cancel" in err
+
+    waiting = threading.Event()
+    messages: list[str] = []
+    second: list[Any] = []
+
+    def on_wait(message: str) -> None:
+        messages.append(message)
+        waiting.set()
+
+    thread = threading.Thread(target=lambda: second.append(run(demo, force=True, on_wait=on_wait)))
+    thread.start()
+    assert waiting.wait(120), "the second run never said it waits"
+    assert messages == [f"waiting for run {first_id} (pid {first.pid} on {socket.gethostname()}) of this pipeline "
+                        "to finish; --no-wait refuses"]
+    (demo.root / "go").write_text("")
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    thread.join(300)
+    (result,) = second
+    assert result.ok
+    store = open_store(demo.config().resolved_pipeline_state_url)
+    ended = store.query("SELECT ended FROM pipeline_runs WHERE id = ?", (first_id,))[0]["ended"]
+    assert all(step.started >= ended for step in result.steps.values()), "the two runs overlapped"
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_run_from_another_process(demo: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    make_notebook(demo.root / "use.ipynb", BLOCKING_USE, "k = 1")
+    store = open_store(demo.config().resolved_pipeline_state_url)
+
+    # a CLI run on this host: the cancel request, and SIGTERM as the fast path
+    proc = _start_cli_run(demo)
+    run_id = _wait_for_running_use_steps(demo, proc)
+    assert cli(["pipeline", "cancel", run_id]) == 0
+    assert f"run {run_id} cancelled" in capsys.readouterr().out
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    steps = {r["step"]: r["status"] for r in store.query("SELECT step, status FROM step_runs WHERE run_id = ?", (run_id,))}
+    assert steps == {"make": "succeeded", "use[k=1]": "cancelled", "use[k=2]": "cancelled", "join": "cancelled"}
+
+    # a run in a process that takes no SIGTERM (here: this one), cancelled by another process, as from
+    # another host: only the request in the store reaches it
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(run(demo)))
+    thread.start()
+    run_id = _wait_for_running_use_steps(demo, thread=thread)
+    done = subprocess.run([sys.executable, "-m", "jupyter_mlops", "pipeline", "cancel", run_id], cwd=demo.root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    thread.join(120)
+    (result,) = results
+    assert result.status == "cancelled"
+    assert statuses(result) == {"make": "cached", "use[k=1]": "cancelled", "use[k=2]": "cancelled", "join": "cancelled"}
+    assert cli(["pipeline", "cancel", run_id]) == 1
+    assert "is not running (status: cancelled)" in capsys.readouterr().err
+
+    # a run that others judged dead (its heartbeat late, seen from a host whose clock is ahead) has
+    # lost its pipeline to whoever took it: it stops rather than go on beside them
+    results.clear()
+    thread = threading.Thread(target=lambda: results.append(run(demo)))
+    thread.start()
+    run_id = _wait_for_running_use_steps(demo, thread=thread)
+    with store.transaction() as tx:
+        tx.execute("UPDATE pipeline_runs SET status = 'crashed' WHERE id = ?", (run_id,))
+    thread.join(120)
+    (result,) = results
+    assert result.status == "cancelled" and statuses(result)["use[k=1]"] == "cancelled"
+
+
+def test_resume_reruns_a_kept_step_whose_outputs_changed_since(demo: Project) -> None:
+    make_notebook(demo.root / "use.ipynb", FLAKY, "k = 1")
+    failed = run(demo)
+    assert statuses(failed)["make"] == "succeeded" and failed.status == "failed"
+    (demo.root / "data" / "x.txt").write_text("edited by hand")  # make's output, after that run
+    (demo.root / "fixed").write_text("")
+    make_notebook(demo.root / "use.ipynb", USE, "k = 1")
+    resumed = resume_pipeline(failed.run_id, config=demo.config(), retry_backoff=0.01)
+    assert resumed.ok
+    assert statuses(resumed) == dict.fromkeys(["make", "use[k=1]", "use[k=2]", "join"], "succeeded")
+    assert (demo.root / "data" / "x.txt").read_text() == "333"  # made again, not trusted as it was
+    assert (demo.root / "final.txt").read_text() == "333" + "333333"
+
+
+def test_a_lock_held_by_a_dead_run_is_taken_over_and_a_live_one_refuses(demo: Project) -> None:
+    import os
+
+    from jupyter_mlops.errors import PipelineBusyError
+    from jupyter_mlops.pipelines.history import RunHistory
+    from jupyter_mlops.pipelines.liveness import process_start, this_host
+    from jupyter_mlops.pipelines.results import PipelineResult
+    from jupyter_mlops.pipelines.runlock import start_run
+
+    history = RunHistory(open_store(demo.config().resolved_pipeline_state_url))
+    file = str(demo.root / "pipeline.yaml")
+    row = {"parameters": {}, "options": {}, "resumed_from": None, "schedule_id": None, "cancel_signal": False}
+
+    def holder(run_id: str, start: str | None) -> None:
+        with history.store.transaction() as tx:
+            tx.execute("INSERT INTO pipeline_runs (id, pipeline, file, status, started, parameters, options, host, "
+                       "pid, pid_start) VALUES (?, 'demo', ?, 'running', ?, '{}', '{}', ?, ?, ?)",
+                       (run_id, file, time.time(), this_host(), os.getpid(), start))
+            tx.execute("INSERT INTO pipeline_locks (pipeline_file, run_id, taken) VALUES (?, ?, ?)",
+                       (file, run_id, time.time()))
+
+    holder("dead", "1")  # our pid, but another process's start time: its runner is gone
+    mine = PipelineResult("mine", "demo", file)
+    start_run(history, mine, wait=False, on_wait=print, cancel=threading.Event(), **row)
+    assert history.run("dead")["status"] == "crashed"
+    assert history.store.query("SELECT run_id FROM pipeline_locks") == [{"run_id": "mine"}]
+
+    history.finish("mine", "succeeded", time.time())
+    holder("alive", process_start(os.getpid()))
+    with pytest.raises(PipelineBusyError, match=f"run alive \\(pid {os.getpid()} on {this_host()}\\)"):
+        start_run(history, PipelineResult("other", "demo", file), wait=False, on_wait=print,
+                  cancel=threading.Event(), **row)
+    assert history.run("other") is None and history.run("alive")["status"] == "running"

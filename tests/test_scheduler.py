@@ -457,11 +457,39 @@ def test_run_forever_in_a_thread_stops_on_stop(mlops_store: StateStore, mlops_cl
 
 def test_pipeline_argv_runs_the_pipeline_with_its_schedule_id_and_parameters(
         mlops_store: StateStore, mlops_clock: FakeClock, tmp_path: Path) -> None:
-    schedule = make_scheduler(mlops_store, mlops_clock).add(
-        tmp_path / "pipeline.yaml", "@daily", name="nightly", parameters={"seed": "3", "train.model": "rf"})
+    scheduler = make_scheduler(mlops_store, mlops_clock)
+    schedule = scheduler.add(tmp_path / "pipeline.yaml", "@daily", name="nightly",
+                             parameters={"seed": "3", "train.model": "rf"})
     assert pipeline_argv(schedule, utc(2024, 1, 2)) == [
         sys.executable, "-m", "jupyter_mlops", "pipeline", "run", str(tmp_path / "pipeline.yaml"),
-        "--schedule-id", "nightly", "-p", "seed=3", "-p", "train.model=rf"]
+        "--schedule-id", "nightly", "--logical-date", "2024-01-02T00:00:00+00:00", "-p", "seed=3",
+        "-p", "train.model=rf"]
+    # the fire time in the schedule's own zone; a forced schedule forces its runs
+    forced = scheduler.add(tmp_path / "pipeline.yaml", "30 2 * * *", tz="Europe/Berlin", name="forced", force=True)
+    assert forced.force and not schedule.force
+    assert pipeline_argv(forced, utc(2024, 1, 2, 1, 30))[-4:] == [
+        "forced", "--logical-date", "2024-01-02T02:30:00+01:00", "--force"]
+
+
+def test_a_fire_whose_run_computed_nothing_says_all_cached(mlops_store: StateStore, mlops_clock: FakeClock,
+                                                           tmp_path: Path) -> None:
+    launcher = FakeLauncher()
+    scheduler = make_scheduler(mlops_store, mlops_clock, launcher)
+    scheduler.add(tmp_path / "pipeline.yaml", "@hourly", name="hourly")
+    for hour, steps in ((1, ["succeeded", "cached"]), (2, ["cached", "cached"])):
+        mlops_clock.now = utc(2024, 1, 1, hour)
+        scheduler.tick()
+        with mlops_store.transaction() as tx:  # the run the launched process records, as the runner does
+            run_id = f"run-{hour}"
+            tx.execute("INSERT INTO pipeline_runs (id, pipeline, file, status, started, parameters, options, "
+                       "schedule_id, host, pid) VALUES (?, 'p', 'f', 'succeeded', ?, '{}', '{}', 'hourly', ?, ?)",
+                       [run_id, mlops_clock.now.timestamp(), socket.gethostname(), launcher.pid])
+            for n, status in enumerate(steps):
+                tx.execute("INSERT INTO step_runs (run_id, step, status) VALUES (?, ?, ?)", [run_id, f"s{n}", status])
+        launcher.runs[-1].finish(0)
+        scheduler.tick()
+    assert [(f.summary, f.run_id) for f in scheduler.history("hourly")] == [
+        ("succeeded, all cached", "run-2"), ("succeeded", "run-1")]
 
 
 class Gate:
@@ -631,3 +659,52 @@ def test_the_scheduler_command_stops_on_sigterm(mlops_pipeline: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0 and err == "Scheduler stopped.\n"
+
+
+DAILY = """\
+name: daily
+steps:
+  fetch:
+    notebook: fetch.ipynb
+    cache: false
+  report:
+    notebook: report.ipynb
+  static:
+    notebook: static.ipynb
+"""
+
+
+def _ran(root: Path) -> list[str]:
+    return (root / "ran.txt").read_text().splitlines() if (root / "ran.txt").exists() else []
+
+
+@pytest.mark.slow
+def test_scheduled_fires_rerun_what_reads_the_world_and_say_when_nothing_ran(
+        mlops_project: Project, mlops_clock: FakeClock, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = mlops_project.root
+    append = "with open('ran.txt', 'a') as f:\n    f.write({line} + '\\n')"
+    make_notebook(root / "fetch.ipynb", [append.format(line="'fetch'")])  # reads a database: `cache: false`
+    make_notebook(root / "report.ipynb", [append.format(line="'report ' + logical_date")], "logical_date = 'none'")
+    make_notebook(root / "static.ipynb", [append.format(line="'static'")])
+    (root / "pipeline.yaml").write_text(DAILY)
+    store = state.open_store(mlops_project.config().resolved_pipeline_state_url)
+    scheduler = Scheduler(store, clock=mlops_clock, launcher=SubprocessLauncher(tmp_path / "logs"))
+    scheduler.add(root / "pipeline.yaml", "30 0 * * *", tz="Europe/Berlin", name="daily")
+
+    mlops_clock.now = utc(2024, 1, 1, 23, 30)
+    scheduler.run_once()
+    assert sorted(_ran(root)) == ["fetch", "report 2024-01-02T00:30:00+01:00", "static"]
+    mlops_clock.now = utc(2024, 1, 2, 23, 30)
+    scheduler.run_once()
+    assert sorted(_ran(root)[3:]) == ["fetch", "report 2024-01-03T00:30:00+01:00"]  # static: cached
+    assert [f.summary for f in scheduler.history("daily")] == ["succeeded", "succeeded"]
+
+    # a backfill by hand; then a run that computes nothing says so
+    assert main(["pipeline", "run", "pipeline.yaml", "--no-progress", "--only", "report",
+                 "-p", "logical_date=2023-12-31"]) == 0
+    assert _ran(root)[-1] == "report 2023-12-31"
+    assert main(["pipeline", "run", "pipeline.yaml", "--no-progress", "--only", "static"]) == 0
+    capsys.readouterr()
+    assert main(["pipeline", "list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert "all cached" in listing[1] and "all cached" not in "".join(listing[2:])

@@ -67,6 +67,8 @@ def cronjob_for_schedule(schedule: Any, pipeline_path: str, settings: Any, *, na
                           "in it)", source="c.Kubernetes.pipeline_image")
     command = ["python", "-m", "jupyter_mlops", "pipeline", "run", pipeline_path, "--schedule-id", schedule.id,
                "--no-progress"]
+    if schedule.force:
+        command.append("--force")
     for key, value in schedule.parameters.items():
         command += ["-p", f"{key}={value}"]
     pod_env = {"MLOPS_SCHEDULE_ID": schedule.id, "MLOPS_PROJECT_ROOT": settings.pipeline_project_dir, **(env or {})}

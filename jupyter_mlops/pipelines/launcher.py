@@ -33,9 +33,14 @@ Launcher = Callable[["Schedule", datetime], RunHandle]
 
 
 def pipeline_argv(schedule: Schedule, scheduled: datetime) -> list[str]:
-    """``python -m jupyter_mlops pipeline run FILE --schedule-id ID -p k=v ...``."""
+    """``python -m jupyter_mlops pipeline run FILE --schedule-id ID --logical-date WHEN [--force] -p k=v ...``;
+    WHEN is the fire time in the schedule's zone (ISO 8601)."""
+    from .cron import zone
+
     argv = [sys.executable, "-m", "jupyter_mlops", "pipeline", "run", schedule.pipeline_file,
-            "--schedule-id", schedule.id]
+            "--schedule-id", schedule.id, "--logical-date", scheduled.astimezone(zone(schedule.tz)).isoformat()]
+    if schedule.force:
+        argv.append("--force")
     for key, value in schedule.parameters.items():
         argv += ["-p", f"{key}={value}"]
     return argv

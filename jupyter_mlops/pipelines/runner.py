@@ -9,7 +9,9 @@ For each step, once the steps it needs are done:
      output notebook; the cache entry is written. On failure the partial output notebook is kept
      and logged, and the step is retried (with backoff) while retries remain.
 Steps whose parents failed are ``blocked``. Ctrl-C (or SIGTERM through the CLI) cancels: running
-kernels are interrupted, every kernel the pool started is shut down, runs end as KILLED.
+kernels are interrupted, every kernel the pool started is shut down, runs end as KILLED. So does
+``pipeline cancel`` from any host (its request is seen by the run's heartbeat, see :mod:`.runlock`).
+One run per pipeline file at a time: a second one waits for the first, or refuses (``wait=False``).
 
 The pipeline run and its steps are rows in the state store (:mod:`.state`); the MLflow parent run
 and child runs are uploaded by the background flusher like any other run.
@@ -39,7 +41,9 @@ from .executor import (
     kernel_choice,
 )
 from .history import RunHistory
+from .prewarm import import_kernel_modules, start_prewarm
 from .recording import PipelineRecorder
+from .runlock import Heartbeat, start_run
 from .results import DONE_OK, STEP_STATES, PipelineResult, StepResult
 from .spec import PipelineSpec, StepSpec, load_pipeline
 from .state import open_store
@@ -64,53 +68,94 @@ def run_pipeline(
     kernel_name: str = "python3",
     retry_backoff: float = 1.0,
     pool: Any = None,
+    wait: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+    cancel_signal: bool = False,
+    logical_date: str | None = None,
 ) -> PipelineResult:
-    """Run the pipeline in ``path``. Returns its result; raises :class:`PipelineSpecError` for a
-    pipeline that cannot run, and ``KeyboardInterrupt`` after a clean cancellation.
+    """Run the pipeline in ``path``. Returns its result (status ``cancelled`` after ``pipeline
+    cancel``); raises :class:`PipelineSpecError` for a pipeline that cannot run, and
+    ``KeyboardInterrupt`` after a clean cancellation by Ctrl-C.
 
     ``pool``: a :class:`~jupyter_mlops.kernels.pool.KernelPool` of ``kernel_name`` kernels to take
     the steps' kernels from (its owner closes it); default: a pool of this run's own.
+    While another run of this pipeline file goes, ``wait`` for it (telling ``on_wait`` once, default
+    the log) or, without ``wait``, raise :class:`~jupyter_mlops.errors.PipelineBusyError`.
+    ``cancel_signal``: this process turns SIGTERM into a clean cancel (the CLI does), so ``pipeline
+    cancel`` on this host may send one instead of waiting for the heartbeat to see its request.
+    ``logical_date``: the time a scheduled run stands for (ISO 8601, the schedule's zone), given as
+    the parameter ``logical_date`` to the steps whose notebooks declare it, unless ``-p`` sets it.
     """
     config = config or load_config()
     spec = load_pipeline(path, parameters)
+    _set_logical_date(spec, logical_date, parameters or {})
     dag = build_dag(spec)
     selected = _select(spec, dag, only)
     _check_versionable(spec, selected)
     runner = _Runner(spec, dag, config, selected=selected, force=force, workers=workers, listener=listener,
                      schedule_id=schedule_id, kernel_name=kernel_name, retry_backoff=retry_backoff,
-                     parameters=dict(parameters or {}), options={"only": sorted(only), "force": force}, pool=pool)
-    return runner.run()
+                     parameters=dict(parameters or {}), pool=pool, options={
+                         "only": sorted(only), "force": force, **({"logical_date": logical_date} if logical_date else {})})
+    return runner.run(wait=wait, on_wait=on_wait, cancel_signal=cancel_signal)
 
 
 def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener: Listener | None = None,
-                    workers: int | None = None, kernel_name: str = "python3", retry_backoff: float = 1.0) -> PipelineResult:
+                    workers: int | None = None, kernel_name: str = "python3", retry_backoff: float = 1.0,
+                    wait: bool = True, on_wait: Callable[[str], None] | None = None,
+                    cancel_signal: bool = False) -> PipelineResult:
     """Run again the steps of ``run_id`` that did not succeed, and everything downstream of them.
 
-    The others are ``kept``: their outputs must still be the versions that run produced.
+    The others are ``kept`` when their outputs are still the versions that run recorded; a step
+    whose outputs changed since (or were never recorded) runs again too, with what follows it. A
+    run whose runner died (still ``running`` in the store) is marked ``crashed`` and resumed.
+    ``wait``, ``on_wait``, ``cancel_signal``: as for :func:`run_pipeline`.
     """
     config = config or load_config()
     history = RunHistory(open_store(config.resolved_pipeline_state_url))
     row = history.run(run_id)
     if row is None:
         raise MlopsError(f"no pipeline run {run_id!r}; {history.unknown_run_hint()} (jupyter mlops pipeline list)")
+    row = history.settle(row)
     if row["status"] == "running":
         raise MlopsError(f"pipeline run {run_id} is still running (pid {row['pid']} on {row['host']}); "
                          "resume it once it has stopped")
     steps = {r["step"]: r for r in history.steps(run_id)}
     parameters = json.loads(row["parameters"])
     spec = load_pipeline(row["file"], parameters)
+    options = json.loads(row["options"] or "{}")
+    _set_logical_date(spec, options.get("logical_date"), parameters)  # the same date as the run it resumes
     dag = build_dag(spec)
     previous = set(steps) & set(spec.steps)  # the steps that run selected (all, or its --only)
     redo = {name for name in previous if steps[name]["status"] not in DONE_OK}
+    redo |= {name for name in previous - redo if not _outputs_hold(spec.steps[name], steps[name], spec.file.parent)}
     if not redo:
         raise MlopsError(f"pipeline run {run_id} has nothing to resume: every step succeeded")
-    options = json.loads(row["options"] or "{}")
     closure = dag.downstream(redo) & previous
     kept = {name: steps[name] for name in previous - closure}
     runner = _Runner(spec, dag, config, selected=closure, force=False, workers=workers, listener=listener,
                      schedule_id=row["schedule_id"], kernel_name=kernel_name, retry_backoff=retry_backoff,
                      parameters=parameters, options={**options, "resumed": run_id}, resumed_from=run_id, kept=kept)
-    return runner.run()
+    return runner.run(wait=wait, on_wait=on_wait, cancel_signal=cancel_signal)
+
+
+def _outputs_hold(step: StepSpec, row: Mapping[str, Any], base: Path) -> bool:
+    """The step's outputs still have the md5s its run recorded (none recorded: only a step without
+    outputs holds)."""
+    recorded = json.loads(row["outputs"]) if row.get("outputs") else None
+    if recorded is None:
+        return not step.outputs
+    return all(cache.version_md5(base / rel, base) == md5 for rel, md5 in recorded.items())
+
+
+def _set_logical_date(spec: PipelineSpec, logical_date: str | None, parameters: Mapping[str, Any]) -> None:
+    """A scheduled run's fire time, for the notebooks that declare ``logical_date`` (a ``-p`` of it,
+    as for a backfill, wins). It is a parameter like any: in the step's cache key, so a step that
+    reads it runs again for each new date."""
+    if logical_date is None or any(name.rpartition(".")[2] == "logical_date" for name in parameters):
+        return
+    for step in spec.steps.values():
+        if "logical_date" in step.defaults:
+            step.parameters["logical_date"] = logical_date
 
 
 def _select(spec: PipelineSpec, dag: Dag, only: Iterable[str]) -> set[str]:
@@ -166,7 +211,8 @@ class _Runner:
         self.kept = dict(kept or {})
         for name, row in self.kept.items():
             self.result.steps[name] = StepResult(name, status="kept", cached_from=resumed_from,
-                                                 spool_id=row.get("spool_id"), cache_key=row.get("cache_key"))
+                                                 spool_id=row.get("spool_id"), cache_key=row.get("cache_key"),
+                                                 outputs=json.loads(row["outputs"]) if row.get("outputs") else None)
         self.schedule_id = schedule_id
         self.parameters = parameters
         self.options = options
@@ -180,14 +226,22 @@ class _Runner:
 
     # -- the whole run ----------------------------------------------------------------------------
 
-    def run(self) -> PipelineResult:
-        self.history.start(self.result, parameters=self.parameters, options=self.options,
-                           resumed_from=self.resumed_from, schedule_id=self.schedule_id)
-        if self.force or self._likely_misses():
-            pending = [n for n, s in self.result.steps.items() if s.status == "pending"]
-            self.executor.prepare(len(pending), self._kernels(pending))
-            self._prewarm_data()
+    def run(self, *, wait: bool = True, on_wait: Callable[[str], None] | None = None,
+            cancel_signal: bool = False) -> PipelineResult:
         try:
+            start_run(self.history, self.result, wait=wait, on_wait=on_wait or log.warning, cancel=self.cancel,
+                      parameters=self.parameters, options=self.options, resumed_from=self.resumed_from,
+                      schedule_id=self.schedule_id, cancel_signal=cancel_signal)
+        except BaseException:
+            self.executor.close()
+            raise
+        self.heartbeat = Heartbeat(self.history, self.result.run_id, self._cancel_requested).start()
+        try:  # from here on, whatever happens ends the run (and releases the pipeline)
+            if self.force or self._likely_misses():
+                pending = [n for n, s in self.result.steps.items() if s.status == "pending"]
+                import_kernel_modules()  # before any thread of the run starts (see .prewarm)
+                self.executor.prepare(len(pending), self._kernels(pending))
+                self._prewarm_data()
             self._loop()
         except KeyboardInterrupt:
             self._finish("cancelled")
@@ -195,8 +249,18 @@ class _Runner:
         except BaseException:
             self._finish("failed")
             raise
-        self._finish("succeeded" if all(s.status in DONE_OK for s in self.result.steps.values()) else "failed")
+        if self.cancel.is_set():  # `pipeline cancel`
+            self._finish("cancelled")
+        else:
+            self._finish("succeeded" if all(s.status in DONE_OK for s in self.result.steps.values()) else "failed")
         return self.result
+
+    def _cancel_requested(self) -> None:
+        """From the heartbeat thread: stop the running cells; the loop starts nothing more."""
+        log.info("pipeline run %s: cancel requested", self.result.run_id)
+        self.cancel.set()
+        self.executor.interrupt()
+        self.executor.close()  # as for Ctrl-C: a step claiming a kernel right now gets none
 
     def _loop(self) -> None:
         result = self.result
@@ -207,6 +271,10 @@ class _Runner:
             running: dict[futures.Future[None], str] = {}
             try:
                 while pending or running:
+                    if self.cancel.is_set():  # cancelled from elsewhere: what has not started never will
+                        for name in pending:
+                            self._set(name, "cancelled", error="cancelled")
+                        pending.clear()
                     progressed = True
                     while progressed:
                         progressed = False
@@ -251,32 +319,9 @@ class _Runner:
     # -- cache ------------------------------------------------------------------------------------
 
     def _prewarm_data(self) -> None:
-        """Import papermill at once and DVC once the first kernel is claimed (together they are
-        seconds of CPU that would otherwise fall inside the first steps; on a small machine they
-        must not slow the first kernel's start either)."""
+        """Papermill now and DVC after the first claim, in the background (see :mod:`.prewarm`)."""
         versioned = any(self.spec.steps[n].outputs for n, s in self.result.steps.items() if s.status == "pending")
-
-        def load() -> None:
-            import importlib
-
-            try:  # this thread only (Linux: a thread is a task): the steps' kernels go first
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-            except (AttributeError, OSError):
-                pass
-            try:
-                for name in ("papermill", "nbclient", "jupyter_mlops.pipelines.notebook"):
-                    importlib.import_module(name)
-                first_claim = getattr(self.executor, "first_claim", None)
-                if not versioned or (first_claim is not None and not first_claim.wait(300)) or self.cancel.is_set():
-                    return
-                from ..data import api
-
-                with cache.DATA_LOCK:
-                    api._project(self.base).repo  # noqa: B018 - opens the DVC repo (and imports dvc)
-            except Exception:  # only a head start: the real use reports any problem
-                return
-
-        threading.Thread(target=load, name="mlops-prewarm", daemon=True).start()
+        start_prewarm(self.executor, self.base, versioned=versioned, cancel=self.cancel)
 
     def _likely_misses(self) -> bool:
         """Start kernels right away unless every selected step has a cache entry (a no-op re-run
@@ -284,6 +329,8 @@ class _Runner:
         names = [n for n, s in self.result.steps.items() if s.status == "pending"]
         if not names:
             return False
+        if not all(self.spec.steps[n].cache for n in names):
+            return True
         return bool(set(names) - self.history.cached_steps(str(self.spec.file)))
 
     def _decided_without_running(self, name: str) -> bool:
@@ -297,12 +344,12 @@ class _Runner:
         key = cache.step_key(step, inputs)
         self.result.steps[name].cache_key = key
         self.result.steps[name].inputs = inputs
-        if self.force:
+        if self.force or not step.cache:
             return False
         entry = self.history.cache_entry(str(self.spec.file), name)
         if entry is None or entry.key != key or not cache.outputs_unchanged(entry, self.base):
             return False
-        self._set(name, "cached", cached_from=entry.run_id, spool_id=entry.spool_id)
+        self._set(name, "cached", cached_from=entry.run_id, spool_id=entry.spool_id, outputs=dict(entry.outputs))
         return True
 
     # -- one step ---------------------------------------------------------------------------------
@@ -405,6 +452,7 @@ class _Runner:
     def _store_cache(self, step: StepSpec, res: StepResult, versions: list[Any]) -> None:
         if res.cache_key is not None:
             outputs = {rel: v.md5 for rel, v in zip(step.outputs, versions)}
+            res.outputs = outputs  # saved on the step run too: a later run overwrites the cache entry
             entry = cache.CacheEntry(res.cache_key, outputs, self.result.run_id, res.spool_id)
             self.history.store_cache(str(self.spec.file), step.name, entry)
 
@@ -481,9 +529,12 @@ class _Runner:
         r = self.result
         r.status = status
         r.ended = time.time()
-        self.executor.close()
-        self.recorder.finish(r, STEP_STATES)
-        self.history.finish(r.run_id, status, r.ended)
+        self.heartbeat.stop()
+        try:
+            self.executor.close()
+            self.recorder.finish(r, STEP_STATES)
+        finally:  # the run's end and the pipeline's release, whatever failed above
+            self.history.finish(r.run_id, status, r.ended)
         if status == "failed" and self.config.pipeline_webhook_url:
             from .notify import notify_failure
 

@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator, Mapping
 from ..errors import ScheduleError, UnknownScheduleError
 from .cron import CronError, CronSchedule, parse
 from .launcher import Launcher, RunHandle, SubprocessLauncher, pipeline_argv
-from .state import StateStore, register_schema
+from .liveness import pid_alive, process_start
+from .state import StateStore, register_columns, register_schema
 from .state import _shown as _shown_url
 
 __all__ = ["Fire", "Launcher", "POLICIES", "RunHandle", "Schedule", "ScheduleError", "Scheduler",
@@ -59,7 +60,9 @@ register_schema(
         lease_host TEXT,
         lease_pid INTEGER,
         lease_expires DOUBLE PRECISION,
-        lease_fire TEXT
+        lease_fire TEXT,
+        lease_pid_start TEXT,
+        force INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE TABLE IF NOT EXISTS schedule_fires (
         id TEXT PRIMARY KEY,
@@ -73,14 +76,22 @@ register_schema(
         pid INTEGER,
         exit_status INTEGER,
         log TEXT,
-        detail TEXT
+        detail TEXT,
+        run_id TEXT,
+        run_summary TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS schedule_fires_schedule ON schedule_fires (schedule_id, recorded)",
 )
+# lease_pid_start: the leased process's start time, so a reused pid does not hold the lease; force:
+# its runs run every step (--force). run_id, run_summary: the pipeline run a fire started, and how
+# it went ("succeeded, all cached" tells a run that computed nothing from one that did)
+register_columns("schedules", lease_pid_start="TEXT", force="INTEGER")
+register_columns("schedule_fires", run_id="TEXT", run_summary="TEXT")
 
 #: Schedule ids double as Kubernetes CronJob names later: DNS labels short enough for the Job suffix.
 _ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
-_RELEASE = ("lease_token = NULL, lease_host = NULL, lease_pid = NULL, lease_expires = NULL, lease_fire = NULL")
+_RELEASE = ("lease_token = NULL, lease_host = NULL, lease_pid = NULL, lease_expires = NULL, lease_fire = NULL, "
+            "lease_pid_start = NULL")
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -99,6 +110,7 @@ class Schedule:
     next_fire: datetime | None
     last_fire: datetime | None
     created: datetime
+    force: bool = False  # every step runs, cached or not (a notebook reading a database, an API)
 
     @property
     def expression(self) -> CronSchedule:
@@ -108,7 +120,7 @@ class Schedule:
     def _from_row(cls, row: Mapping[str, Any]) -> "Schedule":
         return cls(row["id"], row["pipeline_file"], row["cron"], row["tz"], json.loads(row["parameters"]),
                    row["policy"], bool(row["paused"]), _dt(row["next_fire"]), _dt(row["last_fire"]),
-                   _dt(row["created"]))  # type: ignore[arg-type]
+                   _dt(row["created"]), bool(row.get("force")))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,8 @@ class Fire:
     exit_status: int | None = None
     log: str | None = None
     detail: str | None = None
+    run_id: str | None = None  # the pipeline run it started, once reaped
+    run_summary: str | None = None  # that run's status for listings ("succeeded, all cached")
 
     @property
     def summary(self) -> str:
@@ -139,13 +153,15 @@ class Fire:
             return "lost (exit unknown)"
         if self.exit_status < 0:
             return f"killed (signal {-self.exit_status})"
-        return "succeeded" if self.exit_status == 0 else f"failed (exit {self.exit_status})"
+        if self.exit_status == 0:
+            return self.run_summary or "succeeded"
+        return f"failed (exit {self.exit_status})"
 
     @classmethod
     def _from_row(cls, row: Mapping[str, Any]) -> "Fire":
         return cls(row["id"], row["schedule_id"], _dt(row["scheduled"]), row["outcome"],  # type: ignore[arg-type]
                    _dt(row["launched"]), _dt(row["ended"]), row["host"], row["pid"], row["exit_status"],
-                   row["log"], row["detail"])
+                   row["log"], row["detail"], row.get("run_id"), row.get("run_summary"))
 
 
 @dataclass
@@ -153,18 +169,6 @@ class _Child:
     token: str
     fire_id: str
     handle: RunHandle
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _utcnow() -> datetime:
@@ -198,8 +202,9 @@ class Scheduler:
 
     def add(self, pipeline_file: str | Path, cron: str, *, tz: str | None = None, policy: str = "skip",
             parameters: Mapping[str, str] | None = None, name: str | None = None,
-            pipeline_name: str | None = None) -> Schedule:
-        """A new schedule; ``name`` is its id (default: from ``pipeline_name``, made unique).
+            pipeline_name: str | None = None, force: bool = False) -> Schedule:
+        """A new schedule; ``name`` is its id (default: from ``pipeline_name``, made unique);
+        ``force``: its runs run every step, cached or not.
 
         Raises :class:`CronError` for a bad expression or zone, :class:`ScheduleError` for a bad
         policy or a name that is malformed or taken.
@@ -214,10 +219,10 @@ class Scheduler:
             taken = {row["id"] for row in tx.rows("SELECT id FROM schedules")}
             schedule_id = _checked_id(name, taken) if name else _free_id(pipeline_name or path.parent.name, taken)
             tx.execute(
-                "INSERT INTO schedules (id, pipeline_file, cron, tz, parameters, policy, paused, next_fire, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                "INSERT INTO schedules (id, pipeline_file, cron, tz, parameters, policy, paused, next_fire, created,"
+                " force) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
                 [schedule_id, str(path), expression.text, expression.tz, json.dumps(dict(parameters or {})),
-                 policy, expression.next_after(now).timestamp(), now.timestamp()])
+                 policy, expression.next_after(now).timestamp(), now.timestamp(), 1 if force else 0])
         return self.get(schedule_id)
 
     def schedules(self) -> list[Schedule]:
@@ -365,10 +370,11 @@ class Scheduler:
         stale = row["lease_token"]  # None, or a lease judged abandoned by _lease_held
         with self.store.transaction() as tx:
             taken = tx.execute(
-                "UPDATE schedules SET lease_token = ?, lease_host = ?, lease_pid = ?, lease_expires = ?, lease_fire = ?,"
-                " next_fire = ?, last_fire = ? WHERE id = ? AND paused = 0 AND next_fire = ?"
-                " AND (lease_token IS NULL OR lease_token = ?)",
-                [token, self.host, os.getpid(), now.timestamp() + self.lease_ttl, fire.id, following.timestamp(),
+                "UPDATE schedules SET lease_token = ?, lease_host = ?, lease_pid = ?, lease_pid_start = ?,"
+                " lease_expires = ?, lease_fire = ?, next_fire = ?, last_fire = ? WHERE id = ? AND paused = 0"
+                " AND next_fire = ? AND (lease_token IS NULL OR lease_token = ?)",
+                [token, self.host, os.getpid(), process_start(os.getpid()), now.timestamp() + self.lease_ttl,
+                 fire.id, following.timestamp(),
                  scheduled.timestamp(), schedule.id, row["next_fire"], stale])
             if taken != 1:
                 return None
@@ -390,8 +396,8 @@ class Scheduler:
             return failed
         log = getattr(handle, "log", None)
         with self.store.transaction() as tx:
-            tx.execute("UPDATE schedules SET lease_pid = ? WHERE id = ? AND lease_token = ?",
-                       [handle.pid, schedule.id, token])
+            tx.execute("UPDATE schedules SET lease_pid = ?, lease_pid_start = ? WHERE id = ? AND lease_token = ?",
+                       [handle.pid, process_start(handle.pid), schedule.id, token])
             tx.execute("UPDATE schedule_fires SET pid = ?, log = ? WHERE id = ?", [handle.pid, log, fire.id])
         self._running[schedule.id] = _Child(token, fire.id, handle)
         self._log(f"{schedule.id}: fire of {_shown(scheduled)} launched, pid {handle.pid}"
@@ -406,7 +412,7 @@ class Scheduler:
         if child is not None and child.token == token:
             return True
         if row["lease_host"] == self.host and os.name == "posix":
-            return _pid_alive(row["lease_pid"])
+            return pid_alive(row["lease_pid"], row.get("lease_pid_start"))
         return (row["lease_expires"] or 0.0) >= now.timestamp()
 
     def _reap(self, now: datetime) -> None:
@@ -415,11 +421,25 @@ class Scheduler:
             if status is None:
                 continue
             del self._running[schedule_id]
+            run_id, summary = self._run_of(schedule_id, child.handle.pid)
             with self.store.transaction() as tx:
-                tx.execute("UPDATE schedule_fires SET exit_status = ?, ended = ? WHERE id = ?",
-                           [status, now.timestamp(), child.fire_id])
+                tx.execute("UPDATE schedule_fires SET exit_status = ?, ended = ?, run_id = ?, run_summary = ? "
+                           "WHERE id = ?", [status, now.timestamp(), run_id, summary, child.fire_id])
                 tx.execute(f"UPDATE schedules SET {_RELEASE} WHERE id = ? AND lease_token = ?", [schedule_id, child.token])
             self._log(f"{schedule_id}: run (pid {child.handle.pid}) ended with exit status {status}")
+
+    def _run_of(self, schedule_id: str, pid: int) -> tuple[str | None, str | None]:
+        """The pipeline run the fire's process ran, and its summary (None, None: it started none,
+        or a custom launcher ran something else)."""
+        from .results import run_summary
+
+        rows = self.store.query("SELECT id, status FROM pipeline_runs WHERE schedule_id = ? AND host = ? AND pid = ? "
+                                "ORDER BY started DESC LIMIT 1", [schedule_id, self.host, pid])
+        if not rows:
+            return None, None
+        counts = {r["status"]: int(r["n"]) for r in self.store.query(
+            "SELECT status, COUNT(*) AS n FROM step_runs WHERE run_id = ? GROUP BY status", [rows[0]["id"]])}
+        return rows[0]["id"], run_summary(rows[0]["status"], counts)
 
     def _renew(self, now: datetime) -> None:
         if not self._running:

@@ -37,7 +37,7 @@ __all__ = ["PipelineSpec", "StepSpec", "load_pipeline"]
 
 PIPELINE_KEYS = {"name", "parameters", "schedule", "workers", "steps"}
 STEP_KEYS = {"notebook", "parameters", "inputs", "outputs", "needs", "environment", "profile",
-             "retries", "timeout", "matrix"}
+             "retries", "timeout", "matrix", "cache"}
 
 
 @dataclass
@@ -55,6 +55,7 @@ class StepSpec:
     timeout: float | None = None
     line: int | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # the notebook's parameters cell
+    cache: bool = True  # false: runs every time (it reads what its inputs cannot show: a database, an API)
 
 
 @dataclass
@@ -224,6 +225,7 @@ def _expand(base: str, node: _Node, file: Path, shown: str) -> list[StepSpec]:
         raise PipelineSpecError(shown, body["parameters"].line, f"step {base}: parameters must be a mapping")
     retries = _expect(body["retries"], (int,), f"step {base}: retries", shown) if "retries" in body else 0
     timeout = _expect(body["timeout"], (int, float), f"step {base}: timeout (seconds)", shown) if "timeout" in body else None
+    cache = _expect(body["cache"], (bool,), f"step {base}: cache (true or false)", shown) if "cache" in body else True
     if retries < 0 or (timeout is not None and timeout <= 0):
         raise PipelineSpecError(shown, line, f"step {base}: retries must be >= 0 and timeout > 0")
     matrix: dict[str, list[Any]] = {}
@@ -254,7 +256,7 @@ def _expand(base: str, node: _Node, file: Path, shown: str) -> list[StepSpec]:
             environment=_plain(body["environment"]) if "environment" in body else None,
             profile=_plain(body["profile"]) if "profile" in body else None,
             retries=retries, timeout=float(timeout) if timeout is not None else None,
-            line=line, defaults=defaults,
+            line=line, defaults=defaults, cache=cache,
         )
         _check_parameters(step, params, "its", shown, body["parameters"].line if "parameters" in body else line)
         _check_parameters(step, combo, "matrix", shown, body["matrix"].line if "matrix" in body else line)

@@ -9,7 +9,9 @@ SQLAlchemy alone costs about half of that. sqlite3 is in the standard library; p
 only for a PostgreSQL URL (``pip install 'jupyter_mlops[postgres]'``).
 
 Modules declare their tables with :func:`register_schema`; a store creates what is missing when it
-opens (``CREATE TABLE IF NOT EXISTS``: adding a table later needs no migration tool).
+opens (``CREATE TABLE IF NOT EXISTS``: adding a table later needs no migration tool). A column added
+to a table later is declared with :func:`register_columns` too: ``CREATE TABLE IF NOT EXISTS`` leaves
+an existing table as it was, so the store adds the columns it lacks (``ALTER TABLE ... ADD COLUMN``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from typing import Any, Iterator, Sequence
 
 from ..errors import StateError
 
-__all__ = ["StateStore", "StateError", "register_schema", "open_store"]
+__all__ = ["StateStore", "StateError", "register_columns", "register_schema", "open_store"]
 
 
 _SCHEMAS: list[tuple[str, ...]] = []
+_COLUMNS: list[tuple[str, str, str]] = []  # (table, column, SQL type) added after the table's first release
 _stores: dict[str, "StateStore"] = {}
 
 
@@ -38,6 +41,35 @@ def register_schema(*statements: str) -> None:
         with store.transaction() as tx:
             for sql in statements:
                 tx.execute(sql)
+
+
+def register_columns(table: str, **columns: str) -> None:
+    """Columns (name=SQL type, nullable) that ``table`` gained after databases with it were created;
+    stores add them where missing when they open (and those already open, now). A new column also
+    goes into the table's ``CREATE TABLE`` for new databases."""
+    added = [(table, name, kind) for name, kind in columns.items()]
+    _COLUMNS.extend(added)
+    for store in list(_stores.values()):
+        with store.transaction() as tx:
+            _add_missing_columns(tx, added)
+
+
+def _add_missing_columns(tx: "Transaction", columns: Sequence[tuple[str, str, str]]) -> None:
+    """Inside the transaction that created the tables: on SQLite BEGIN IMMEDIATE serialises two
+    processes opening one old database at once; PostgreSQL has ADD COLUMN IF NOT EXISTS."""
+    tables = {table for table, _, _ in columns}
+    for table in sorted(tables):
+        if tx.dialect == "sqlite":
+            have = {row["name"] for row in tx.rows(f"PRAGMA table_info({table})")}
+        else:
+            have = {row["column_name"] for row in tx.rows(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                "AND table_schema = current_schema()", (table,))}
+        for _, name, kind in (c for c in columns if c[0] == table):
+            if name not in have:
+                exists = " IF NOT EXISTS" if tx.dialect == "postgresql" else ""
+                tx.execute(f"ALTER TABLE {table} ADD COLUMN{exists} {name} {kind}")
+                have.add(name)
 
 
 register_schema(
@@ -54,7 +86,11 @@ register_schema(
         schedule_id TEXT,
         spool_id TEXT,
         host TEXT,
-        pid INTEGER
+        pid INTEGER,
+        pid_start TEXT,
+        heartbeat DOUBLE PRECISION,
+        cancel_requested INTEGER,
+        cancel_signal INTEGER
     )""",
     "CREATE INDEX IF NOT EXISTS pipeline_runs_started ON pipeline_runs (started)",
     """CREATE TABLE IF NOT EXISTS step_runs (
@@ -69,6 +105,7 @@ register_schema(
         error TEXT,
         spool_id TEXT,
         cached_from TEXT,
+        outputs TEXT,
         PRIMARY KEY (run_id, step)
     )""",
     """CREATE TABLE IF NOT EXISTS step_cache (
@@ -81,7 +118,19 @@ register_schema(
         created DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (pipeline_file, step)
     )""",
+    # One run per pipeline file at a time: the row names the run holding it (see .runlock).
+    """CREATE TABLE IF NOT EXISTS pipeline_locks (
+        pipeline_file TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        taken DOUBLE PRECISION NOT NULL
+    )""",
 )
+# pid_start guards the pid against reuse, heartbeat shows a runner on another host alive (see
+# .liveness); cancel_requested is polled by the runner; cancel_signal: it turns SIGTERM into a
+# clean cancel (the CLI). outputs: the md5s a step run's outputs had, which resume checks.
+register_columns("pipeline_runs", pid_start="TEXT", heartbeat="DOUBLE PRECISION", cancel_requested="INTEGER",
+                 cancel_signal="INTEGER")
+register_columns("step_runs", outputs="TEXT")
 
 
 class StateStore:
@@ -97,6 +146,7 @@ class StateStore:
                 for statements in _SCHEMAS:
                     for sql in statements:
                         tx.execute(sql)
+                _add_missing_columns(tx, _COLUMNS)
         except StateError:
             raise
         except Exception as e:  # the driver's own error types differ; say what and where
