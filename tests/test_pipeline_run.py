@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,13 +140,19 @@ def test_cache_misses_on_each_cause_and_only_there(demo: Project, monkeypatch: p
     (demo.root / "final.txt").unlink()
     assert statuses(run(demo, parameters={"make.n": 4}))["join"] == "succeeded"
 
-    # the environment's lock
-    lock = demo.root / "conda-lock.yml"
-    lock.write_text("version: 1\n")
-    monkeypatch.setenv("MLOPS_ENV_LOCK", str(lock))
-    monkeypatch.setattr(cache, "_env_digest", None)  # computed once per process; this is a new one
-    result = run(demo, parameters={"make.n": 4})
-    assert set(statuses(result).values()) == {"succeeded"}
+    # the kernel's environment, not the runner's: a package installed where only this process looks
+    # re-runs nothing; one installed where the kernel's interpreter looks re-runs every step
+    monkeypatch.setattr(cache, "_env_digest", None, raising=False)  # the old runner cached it per process
+    runner_only = demo.root.parent / "runner-only"
+    (runner_only / "unrelated_pkg-1.0.dist-info").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(runner_only))
+    assert set(statuses(run(demo, parameters={"make.n": 4})).values()) == {"cached"}
+    seen = demo.root.parent / "kernel-site"
+    seen.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(seen), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    assert set(statuses(run(demo, parameters={"make.n": 4})).values()) == {"cached"}  # a folder, no package
+    (seen / "newpkg-2.0.dist-info").mkdir()
+    assert set(statuses(run(demo, parameters={"make.n": 4})).values()) == {"succeeded"}
 
     # --force runs all; --only runs one
     assert set(statuses(run(demo, parameters={"make.n": 4}, force=True)).values()) == {"succeeded"}
@@ -329,3 +337,21 @@ def test_outputs_outside_a_dvc_project_fail_before_anything_runs(mlops_project: 
     assert cli(["pipeline", "run", "pipeline.yaml"]) == 1
     assert "is not in a DVC project" in capsys.readouterr().err
     assert not (mlops_project.root / "data").exists()  # the notebook never ran
+
+
+def test_the_project_is_the_pipeline_files_not_the_working_directorys(mlops_project: Project, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root = mlops_project.root
+    make_notebook(root / "nb.ipynb", ["import os\nprint(os.getcwd())"], "k = 1")
+    (root / "pipeline.yaml").write_text("steps:\n  one: {notebook: nb.ipynb, parameters: {k: 2}}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in ("MLOPS_PROJECT_ROOT", "MLFLOW_TRACKING_URI"):  # nothing says where the project is
+        monkeypatch.delenv(name)
+    result = run_pipeline(root / "pipeline.yaml", retry_backoff=0.01)
+    assert result.ok, {n: s.error for n, s in result.steps.items()}
+    assert not (elsewhere / ".mlops").exists()
+    store = open_store("sqlite:///" + str(root / ".mlops" / "pipelines.db"))
+    assert store.query("SELECT status FROM pipeline_runs WHERE id = ?", (result.run_id,)) == [{"status": "succeeded"}]
+    assert Path(result.steps["one"].output_notebook).is_relative_to(root / ".mlops")

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ..config import MlopsConfig
 from ..errors import MlopsError
+from .paths import notebook_file
 from .spec import PipelineSpec, StepSpec
 
 __all__ = ["PipelineRecorder"]
@@ -125,11 +126,7 @@ class PipelineRecorder:
             parent.set_tags({f"mlops.steps.{s}": str(result.count(s)) for s in states if result.count(s)})
             for res in result.steps.values():
                 if res.status in ("cached", "kept") and res.cached_from:
-                    parent.set_tag(f"mlops.cached.{_safe(res.name)}", res.cached_from)
+                    parent.set_tag(f"mlops.cached.{notebook_file(res.name)}", res.cached_from)
         except MlopsError:
             pass
         parent.end({"succeeded": "FINISHED", "failed": "FAILED"}.get(result.status, "KILLED"), log_notebook=False)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

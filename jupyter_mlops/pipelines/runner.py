@@ -39,6 +39,7 @@ from .executor import (
     kernel_choice,
 )
 from .history import RunHistory
+from .paths import notebook_file
 from .recording import PipelineRecorder
 from .results import DONE_OK, STEP_STATES, PipelineResult, StepResult
 from .spec import PipelineSpec, StepSpec, load_pipeline
@@ -61,32 +62,36 @@ def run_pipeline(
     config: MlopsConfig | None = None,
     listener: Listener | None = None,
     schedule_id: str | None = None,
-    kernel_name: str = "python3",
+    kernel_name: str | None = None,
     retry_backoff: float = 1.0,
     pool: Any = None,
 ) -> PipelineResult:
     """Run the pipeline in ``path``. Returns its result; raises :class:`PipelineSpecError` for a
     pipeline that cannot run, and ``KeyboardInterrupt`` after a clean cancellation.
 
-    ``pool``: a :class:`~jupyter_mlops.kernels.pool.KernelPool` of ``kernel_name`` kernels to take
-    the steps' kernels from (its owner closes it); default: a pool of this run's own.
+    ``config``: default, the settings of the pipeline file's project (wherever this is run from).
+    ``kernel_name``: the kernel spec of steps that name no kernel, environment or profile (default:
+    each notebook's own). ``pool``: a :class:`~jupyter_mlops.kernels.pool.KernelPool` to take the
+    kernels of steps on its spec from (its owner closes it); default: pools of this run's own.
     """
-    config = config or load_config()
-    spec = load_pipeline(path, parameters)
+    config = config or load_config(folder=Path(path).resolve().parent)
+    spec = load_pipeline(path, parameters, kernel=kernel_name, max_steps=config.pipeline_max_steps)
     dag = build_dag(spec)
     selected = _select(spec, dag, only)
     _check_versionable(spec, selected)
     runner = _Runner(spec, dag, config, selected=selected, force=force, workers=workers, listener=listener,
                      schedule_id=schedule_id, kernel_name=kernel_name, retry_backoff=retry_backoff,
-                     parameters=dict(parameters or {}), options={"only": sorted(only), "force": force}, pool=pool)
+                     parameters=dict(parameters or {}), pool=pool,
+                     options={"only": sorted(only), "force": force, "kernel": kernel_name})
     return runner.run()
 
 
 def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener: Listener | None = None,
-                    workers: int | None = None, kernel_name: str = "python3", retry_backoff: float = 1.0) -> PipelineResult:
+                    workers: int | None = None, kernel_name: str | None = None, retry_backoff: float = 1.0) -> PipelineResult:
     """Run again the steps of ``run_id`` that did not succeed, and everything downstream of them.
 
     The others are ``kept``: their outputs must still be the versions that run produced.
+    ``kernel_name``: as for :func:`run_pipeline`; default, the one that run was given.
     """
     config = config or load_config()
     history = RunHistory(open_store(config.resolved_pipeline_state_url))
@@ -98,18 +103,20 @@ def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener:
                          "resume it once it has stopped")
     steps = {r["step"]: r for r in history.steps(run_id)}
     parameters = json.loads(row["parameters"])
-    spec = load_pipeline(row["file"], parameters)
+    options = json.loads(row["options"] or "{}")
+    kernel_name = kernel_name or options.get("kernel")
+    spec = load_pipeline(row["file"], parameters, kernel=kernel_name, max_steps=config.pipeline_max_steps)
     dag = build_dag(spec)
     previous = set(steps) & set(spec.steps)  # the steps that run selected (all, or its --only)
     redo = {name for name in previous if steps[name]["status"] not in DONE_OK}
     if not redo:
         raise MlopsError(f"pipeline run {run_id} has nothing to resume: every step succeeded")
-    options = json.loads(row["options"] or "{}")
     closure = dag.downstream(redo) & previous
     kept = {name: steps[name] for name in previous - closure}
     runner = _Runner(spec, dag, config, selected=closure, force=False, workers=workers, listener=listener,
                      schedule_id=row["schedule_id"], kernel_name=kernel_name, retry_backoff=retry_backoff,
-                     parameters=parameters, options={**options, "resumed": run_id}, resumed_from=run_id, kept=kept)
+                     parameters=parameters, options={**options, "resumed": run_id, "kernel": kernel_name},
+                     resumed_from=run_id, kept=kept)
     return runner.run()
 
 
@@ -135,10 +142,6 @@ def _check_versionable(spec: PipelineSpec, names: set[str]) -> None:
 
 def _new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 class _Runner:
@@ -358,7 +361,8 @@ class _Runner:
                 self._set(name, "failed", ended=time.time(), error=str(e))
 
     def _attempt(self, step: StepSpec, res: StepResult, attempt: int) -> Path:
-        out = self.outputs_dir / (f"{_safe(step.name)}.ipynb" if attempt == 1 else f"{_safe(step.name)}.attempt{attempt}.ipynb")
+        stem = notebook_file(step.name)
+        out = self.outputs_dir / (f"{stem}.ipynb" if attempt == 1 else f"{stem}.attempt{attempt}.ipynb")
         out.parent.mkdir(parents=True, exist_ok=True)
         soon = self._frontier()
         self.executor.expect(len(soon), self._kernels(soon))
@@ -423,7 +427,7 @@ class _Runner:
         return soon
 
     def _kernels(self, names: Iterable[str]) -> dict[KernelChoice, int]:
-        """How many of ``names`` want a kernel of each (environment, profile)."""
+        """How many of ``names`` want a kernel of each (environment, profile, kernel spec)."""
         counts: dict[KernelChoice, int] = {}
         for name in names:
             choice = kernel_choice(self.spec.steps[name])
