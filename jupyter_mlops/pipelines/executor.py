@@ -224,9 +224,9 @@ class LocalExecutor(StepExecutor):
             if self.cancel.is_set():
                 raise Cancelled()
             if timed_out.is_set():
-                raise StepFailed(f"timed out after {step.timeout:g} s in cell {failure.cell_index}; "
+                raise StepFailed(f"timed out after {step.timeout:g} s in {failure.where}; "
                                  f"the partial output is in {out}", out)
-            raise StepFailed(f"cell {failure.cell_index} raised {failure.error}; the partial output is in {out}", out)
+            raise StepFailed(f"{failure.where} raised {failure.error}; the partial output is in {out}", out)
 
     def _watchdog(self, step: StepSpec, pool: Any, kernel: Any, fired: threading.Event) -> threading.Timer | None:
         """At the step's timeout: interrupt the kernel; 5 s later, if still busy, shut it down."""

@@ -56,8 +56,10 @@ class PipelineRecorder:
             tags["mlops.schedule.id"] = self.schedule_id
         if self.resumed_from:
             tags["mlops.pipeline.resumed_from"] = self.resumed_from
+        # each pipeline parameter once, with its effective value: the file's, or -p name=value over
+        # it; a -p for one step (-p step.name=value) is on that step's run, with its other values
         params = {k: _text(v) for k, v in self.spec.parameters.items()}
-        params.update({f"-p {k}": str(v) for k, v in self.parameters.items()})
+        params.update({k: _text(v) for k, v in self.parameters.items() if "." not in k})
         experiment = self.config.experiment_for(str(self.spec.file.with_suffix("")))
         try:
             self.parent = create_run(experiment, f"{self.spec.name} {self.run_id}", tags=tags, params=params,
