@@ -51,7 +51,7 @@ def build_dag(spec: PipelineSpec) -> Dag:
     looked up by path (:class:`.paths.OutputIndex`), so the cost grows with the steps, not their square.
     """
     try:
-        index = OutputIndex((s.name, s.outputs) for s in spec.steps.values())
+        index = spec.outputs_index or OutputIndex((s.name, s.outputs) for s in spec.steps.values())
     except ValueError as e:  # load_pipeline refuses these first; a spec built by hand may not have been
         raise PipelineSpecError(str(spec.file), None, str(e)) from None
     parents: dict[str, set[str]] = {name: set() for name in spec.steps}

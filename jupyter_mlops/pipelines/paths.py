@@ -14,7 +14,7 @@ quadratic (31 s for a 10,000-step matrix).
 from __future__ import annotations
 
 import posixpath
-from pathlib import Path
+import re
 from typing import Iterable
 
 __all__ = ["notebook_file", "normalise", "OutputIndex", "OutputClash"]
@@ -28,29 +28,32 @@ class OutputClash(ValueError):
         self.step = step
 
 
+_UNSAFE = re.compile(r"[^\w.-]")
+
+
 def notebook_file(step_name: str) -> str:
     """The file name (no suffix) of a step's output notebook: ``train[model=rf]`` -> ``train_model_rf_``.
     Two steps must not share one (checked at load), or the second would overwrite the first's."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in step_name)
+    return _UNSAFE.sub("_", step_name)
 
 
-def normalise(path: str, base: Path, root: Path) -> str:
-    """``path`` (relative to ``base``) in its one spelling, relative to ``base``.
+def normalise(path: str, base: str, root: str) -> str:
+    """``path`` (relative to the folder ``base``) in its one spelling, relative to ``base``; both
+    folders absolute, posix.
 
     Raises ``ValueError`` with the reason when it is empty, absolute, or lands outside ``root``.
     """
     if not path.strip():
         raise ValueError("is empty")
-    text = path.replace("\\", "/") if "\\" in path and "/" not in path else path
-    if posixpath.isabs(text) or Path(text).is_absolute():
+    if posixpath.isabs(path):
         raise ValueError("is absolute; name it relative to the pipeline file's folder")
-    norm = posixpath.normpath(text)
-    inside = posixpath.normpath(posixpath.join(base.as_posix(), norm))
-    top = root.as_posix().rstrip("/")
-    if inside != top and not inside.startswith(top + "/"):
-        raise ValueError(f"is outside the project {root}; outputs and inputs live inside it")
+    norm = posixpath.normpath(path)
+    inside = posixpath.normpath(posixpath.join(base, norm))
+    top = root.rstrip("/")
     if inside == top:
         raise ValueError(f"is the project folder {root} itself; name a file or folder inside it")
+    if not inside.startswith(top + "/"):
+        raise ValueError(f"is outside the project {root}; outputs and inputs live inside it")
     return norm
 
 

@@ -91,6 +91,8 @@ class PipelineSpec:
     steps: dict[str, StepSpec]
     root: Path | None = None  # the project: the git/DVC root holding the file
     _bases: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    #: the outputs' index, made by load_pipeline (which checks them) for build_dag to reuse
+    outputs_index: OutputIndex | None = field(default=None, repr=False, compare=False)
 
     def step_names(self, base: str) -> list[str]:
         """The steps a base name expanded to (in file order); [] for no such base."""
@@ -232,7 +234,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None, 
     loader.check_kernels()
     _resolve_parameters(spec, overrides, shown, top)
     try:
-        OutputIndex((s.name, s.outputs) for s in spec.steps.values())
+        spec.outputs_index = OutputIndex((s.name, s.outputs) for s in spec.steps.values())
     except OutputClash as e:
         raise PipelineSpecError(shown, spec.steps[e.step].line, str(e)) from None
     _check_needs(spec, shown)
@@ -325,34 +327,48 @@ def _expand(base: str, node: _Node, spec: PipelineSpec, shown: str,
                                 "run may have; split the matrix, or raise c.MlopsConfig.pipeline_max_steps")
     defaults, notebook_kernel = _read_notebook(notebook, shown, body["notebook"].line)
     paths = {key: _paths(body.get(key), f"step {base}: {key}", shown) for key in ("inputs", "outputs")}
-    base_dir, root = file.parent, spec.root or file.parent
-    steps = []
-    for combo in (dict(zip(matrix, values)) for values in itertools.product(*matrix.values())):
-        suffix = ",".join(f"{k}={v}" for k, v in combo.items())
-        name = f"{base}[{suffix}]" if suffix else base
+    base_dir, root = file.parent.as_posix(), (spec.root or file.parent).as_posix()
+    shared = dict(needs=_paths(body.get("needs"), f"step {base}: needs", shown),
+                  environment=_plain(body["environment"]) if "environment" in body else None,
+                  profile=_plain(body["profile"]) if "profile" in body else None,
+                  retries=retries, timeout=float(timeout) if timeout is not None else None,
+                  line=line, defaults=defaults, cache=cache)
+    params_line = body["parameters"].line if "parameters" in body else line
+    matrix_line = body["matrix"].line if "matrix" in body else line
+    normalised: dict[tuple[str, str], str] = {}  # a path without {key} is the same in every expansion
+    probe = StepSpec(base, base, notebook, {}, [], [], [], defaults=defaults)  # each value checked once
+    _check_parameters(probe, params, "its", shown, params_line)
+    for key, values in matrix.items():
+        for value in values:
+            _check_parameters(probe, {key: value}, "matrix", shown, matrix_line)
 
-        def fill(text: str, key: str, combo: dict[str, Any] = combo) -> str:
+    def fill(text: str, key: str, combo: dict[str, Any]) -> str:
+        try:
+            filled = text.format(**combo) if "{" in text else text
+        except (KeyError, IndexError) as e:
+            raise PipelineSpecError(shown, line, f"step {base}: {text!r} uses {e} which is not a matrix key") from None
+        done = normalised.get((key, filled))
+        if done is None:
             try:
-                filled = text.format(**combo)
-            except (KeyError, IndexError) as e:
-                raise PipelineSpecError(shown, line, f"step {base}: {text!r} uses {e} which is not a matrix key") from None
-            try:
-                return normalise(filled, base_dir, root)
+                done = normalise(filled, base_dir, root)
             except ValueError as e:
                 raise PipelineSpecError(shown, body[key].line, f"step {base}: {key[:-1]} {filled!r} {e}") from None
+            if filled == text:
+                normalised[(key, filled)] = done
+        return done
 
+    steps = []
+    for values in itertools.product(*matrix.values()):
+        combo = dict(zip(matrix, values))
+        suffix = ",".join(f"{k}={v}" for k, v in combo.items())
         step = StepSpec(
-            name=name, base=base, notebook=notebook, parameters={**params, **combo},
-            inputs=[fill(p, "inputs") for p in paths["inputs"]],
-            outputs=[fill(p, "outputs") for p in paths["outputs"]],
-            needs=_paths(body.get("needs"), f"step {base}: needs", shown),
-            environment=_plain(body["environment"]) if "environment" in body else None,
-            profile=_plain(body["profile"]) if "profile" in body else None,
-            retries=retries, timeout=float(timeout) if timeout is not None else None,
-            line=line, defaults=defaults, cache=cache,
+            name=f"{base}[{suffix}]" if suffix else base, base=base, notebook=notebook,
+            parameters={**params, **combo},
+            inputs=[fill(p, "inputs", combo) for p in paths["inputs"]],
+            outputs=[fill(p, "outputs", combo) for p in paths["outputs"]],
+            **shared,  # type: ignore[arg-type]
         )
-        _check_parameters(step, params, "its", shown, body["parameters"].line if "parameters" in body else line)
-        _check_parameters(step, combo, "matrix", shown, body["matrix"].line if "matrix" in body else line)
+        step.needs = list(step.needs)
         steps.append(step)
     return steps, kernel, notebook_kernel
 
@@ -365,17 +381,24 @@ def _matrix(base: str, body: dict[str, _Node], shown: str) -> dict[str, list[Any
         items = _expect(values, (list,), f"step {base}: matrix {key}", shown)
         if not items:
             raise PipelineSpecError(shown, values.line, f"step {base}: matrix {key} has no values")
-        seen: set[str] = set()
+        seen: set[Any] = set()
         matrix[key] = []
         for item in items:
             value = _plain(item)
-            ident = json.dumps(value, sort_keys=True, default=repr)
+            ident = _ident(value)
             if ident in seen:
                 raise PipelineSpecError(shown, item.line, f"step {base}: matrix {key} lists {value!r} twice; "
                                         "remove the second")
             seen.add(ident)
             matrix[key].append(value)
     return matrix
+
+
+def _ident(value: Any) -> Any:
+    """A hashable identity of a YAML value (True and 1 apart, as are 1 and 1.0)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return (type(value).__name__, value)
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def _resolve_parameters(spec: PipelineSpec, overrides: dict[str, Any], shown: str, top: dict[str, _Node]) -> None:
