@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PipelineSpecError
-from ..parameters_cell import NOT_LITERAL, notebook_parameters, read_notebook
+from ..parameters_cell import notebook_parameters, read_notebook
+from .parameters import check_parameters, resolve_parameters
 from .paths import OutputClash, OutputIndex, normalise, notebook_file
 
 __all__ = ["PipelineSpec", "StepSpec", "load_pipeline"]
@@ -107,7 +108,6 @@ class PipelineSpec:
 
 from .. import _yaml
 from .._yaml import Node as _Node
-from .._yaml import kind as _kind
 from .._yaml import plain as _plain
 
 
@@ -132,16 +132,6 @@ def _paths(node: _Node | None, what: str, file: str) -> list[str]:
     return [str(_expect(item, (str,), what, file)) for item in items]
 
 
-def _same_kind(default: Any, value: Any) -> bool:
-    if default is None or default is NOT_LITERAL or value is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, (int, float)) and isinstance(value, (int, float)):
-        return not (isinstance(default, int) and isinstance(value, float) and not value.is_integer())
-    return type(default) is type(value) or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)))
-
-
 def _read_notebook(path: Path, file: str, line: int) -> tuple[dict[str, Any], str | None]:
     """The notebook's parameters cell (``name -> literal`` or :data:`NOT_LITERAL`) and its kernelspec name.
 
@@ -159,19 +149,6 @@ def _read_notebook(path: Path, file: str, line: int) -> tuple[dict[str, Any], st
     kernelspec = (nb.get("metadata") or {}).get("kernelspec") or {}
     name = kernelspec.get("name") if isinstance(kernelspec, dict) else None
     return {k: p.value for k, p in parameters.items()}, name if isinstance(name, str) and name else None
-
-
-def _check_parameters(step: StepSpec, given: Mapping[str, Any], source: str, file: str, line: int | None) -> None:
-    defaults = step.defaults
-    for name, value in given.items():
-        if name not in defaults:
-            declared = ", ".join(sorted(defaults)) or "none (tag a cell 'parameters')"
-            raise PipelineSpecError(file, line, f"step {step.name}: {source} parameter {name!r} is not in "
-                                    f"{step.notebook.name}'s parameters cell (it declares: {declared})")
-        if not _same_kind(defaults[name], value):
-            raise PipelineSpecError(file, line, f"step {step.name}: {source} parameter {name!r} is "
-                                    f"{_kind(value)} ({value!r}), but its default is {_kind(defaults[name])} "
-                                    f"({defaults[name]!r})")
 
 
 def _default_max_steps() -> int:
@@ -232,7 +209,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None, 
     for base, node in steps.items():
         loader.add(base, node)
     loader.check_kernels()
-    _resolve_parameters(spec, overrides, shown, top)
+    resolve_parameters(spec, overrides, shown, top)
     try:
         spec.outputs_index = OutputIndex((s.name, s.outputs) for s in spec.steps.values())
     except OutputClash as e:
@@ -337,10 +314,10 @@ def _expand(base: str, node: _Node, spec: PipelineSpec, shown: str,
     matrix_line = body["matrix"].line if "matrix" in body else line
     normalised: dict[tuple[str, str], str] = {}  # a path without {key} is the same in every expansion
     probe = StepSpec(base, base, notebook, {}, [], [], [], defaults=defaults)  # each value checked once
-    _check_parameters(probe, params, "its", shown, params_line)
+    check_parameters(probe, params, "its", shown, params_line)
     for key, values in matrix.items():
         for value in values:
-            _check_parameters(probe, {key: value}, "matrix", shown, matrix_line)
+            check_parameters(probe, {key: value}, "matrix", shown, matrix_line)
 
     def fill(text: str, key: str, combo: dict[str, Any]) -> str:
         try:
@@ -399,34 +376,6 @@ def _ident(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return (type(value).__name__, value)
     return json.dumps(value, sort_keys=True, default=repr)
-
-
-def _resolve_parameters(spec: PipelineSpec, overrides: dict[str, Any], shown: str, top: dict[str, _Node]) -> None:
-    declared: set[str] = set()
-    for step in spec.steps.values():
-        declared.update(step.defaults)
-    bases = {s.base for s in spec.steps.values()}
-    for name in overrides:
-        step_part, _, param = name.rpartition(".")
-        if step_part and step_part not in bases and step_part not in spec.steps:
-            raise PipelineSpecError(shown, None, f"-p {name}: no step {step_part!r} (steps: {', '.join(sorted(bases))})")
-        if param not in declared:
-            raise PipelineSpecError(shown, None, f"-p {name}: no step's notebook declares {param!r} in its parameters cell")
-    pipeline_line = top["parameters"].line if "parameters" in top else None
-    for step in spec.steps.values():
-        from_pipeline = {k: v for k, v in spec.parameters.items() if k in step.defaults}
-        _check_parameters(step, from_pipeline, "pipeline", shown, pipeline_line)
-        from_cli = {}
-        for name, value in overrides.items():
-            step_part, _, param = name.rpartition(".")
-            if param in step.defaults and step_part in ("", step.base, step.name):
-                from_cli[param] = value
-        _check_parameters(step, from_cli, "-p", shown, None)
-        # only what is set: papermill injects these, the cell computes the rest itself
-        step.parameters = {**from_pipeline, **step.parameters, **from_cli}
-    unused = [k for k in spec.parameters if k not in declared]
-    if unused:
-        raise PipelineSpecError(shown, pipeline_line, f"pipeline parameter {unused[0]!r} is declared by no step's notebook")
 
 
 def _check_needs(spec: PipelineSpec, shown: str) -> None:
