@@ -60,7 +60,7 @@ class StepExecutor(ABC):
     the runner may have going at once. ``work_dir``: the run's own folder (output notebooks, logs).
     """
 
-    def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event,
+    def __init__(self, *, base: Path, kernel_name: str | None, workers: int, cancel: threading.Event,
                  work_dir: Path | None = None) -> None:
         self.base = base
         self.work_dir = work_dir
@@ -107,7 +107,7 @@ class LocalExecutor(StepExecutor):
     fail (no GPU free *then*) with an error the next step would get.
     """
 
-    def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event,
+    def __init__(self, *, base: Path, kernel_name: str | None, workers: int, cancel: threading.Event,
                  work_dir: Path | None = None, pool: Any = None) -> None:
         super().__init__(base=base, kernel_name=kernel_name, workers=workers, cancel=cancel, work_dir=work_dir)
         self.pool = pool  # given: not ours to close or size

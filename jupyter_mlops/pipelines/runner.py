@@ -146,7 +146,7 @@ def _new_run_id() -> str:
 
 class _Runner:
     def __init__(self, spec: PipelineSpec, dag: Dag, config: MlopsConfig, *, selected: set[str], force: bool,
-                 workers: int | None, listener: Listener | None, schedule_id: str | None, kernel_name: str,
+                 workers: int | None, listener: Listener | None, schedule_id: str | None, kernel_name: str | None,
                  retry_backoff: float, parameters: dict[str, Any], options: dict[str, Any],
                  resumed_from: str | None = None, kept: Mapping[str, Mapping[str, Any]] | None = None,
                  pool: Any = None) -> None:
