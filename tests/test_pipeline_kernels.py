@@ -293,6 +293,28 @@ def test_the_key_covers_the_kernels_environment_not_the_runners(tmp_path: Path, 
     assert key("a") == a and key("b") not in (a, b)
 
 
+def test_a_venv_kernel_is_keyed_on_the_venvs_own_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A venv's bin/python is a link to the base interpreter: only through the link is it the venv's."""
+    import venv
+
+    from jupyter_mlops.pipelines.cache import step_key
+    from jupyter_mlops.pipelines.spec import StepSpec
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    venv.create(tmp_path / "venv", symlinks=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    folder = tmp_path / "data" / "kernels" / "v"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps({
+        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "v"}))
+    nb = make_notebook(tmp_path / "nb.ipynb", ["pass"])
+    before = step_key(StepSpec("s", "s", nb, {}, [], [], [], kernel="v"), {})
+    site = next((tmp_path / "venv" / "lib").glob("python3*/site-packages"))
+    (site / "installed_in_the_venv-1.0.dist-info").mkdir()
+    assert step_key(StepSpec("s", "s", nb, {}, [], [], [], kernel="v"), {}) != before
+
+
 DIFFERENT = """\
 name: kernels
 steps:

@@ -74,7 +74,7 @@ def environment_digest(step: StepSpec) -> str | None:
     if step.profile:  # the mlops spec without an environment: this interpreter, the profile's limits
         import sys
 
-        return python_fingerprint(os.path.realpath(sys.executable))
+        return python_fingerprint(os.path.abspath(sys.executable))
     return kernel_fingerprint(step.kernel or "python3")
 
 

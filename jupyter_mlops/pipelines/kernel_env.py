@@ -10,7 +10,7 @@ plain kernel spec (one that names no ``environment:``; those are keyed by their 
 the kernel really runs on, not what the runner process runs on:
 
 * the spec's ``argv`` and ``env``, with ``python`` resolved as jupyter_client resolves it (to the
-  runner's interpreter) and the executable's real path;
+  runner's interpreter) and the executable's absolute path;
 * for a Python kernel (``ipykernel`` in its argv): the interpreter's version, and the
   ``name==version`` of every distribution visible on *that interpreter's* ``sys.path`` (its
   ``*.dist-info`` / ``*.egg-info`` folder names), plus the names in its prefix's ``conda-meta``.
@@ -90,11 +90,12 @@ def kernelspec(name: str, known: dict[str, Path] | None = None) -> dict[str, Any
 
 def _executable(argv0: str) -> str:
     """argv[0] as the kernel manager runs it: ``python`` is the runner's interpreter (jupyter_client
-    substitutes it), anything else is looked up on PATH; the real path, links followed."""
+    substitutes it), anything else is looked up on PATH. Links are not followed: a venv's
+    ``bin/python`` is a link to the base interpreter, and only through the link is it the venv's."""
     major, minor = sys.version_info[:2]
     if argv0 in ("python", f"python{major}", f"python{major}.{minor}"):
-        return os.path.realpath(sys.executable)
-    return os.path.realpath(shutil.which(argv0) or argv0)
+        return os.path.abspath(sys.executable)
+    return os.path.abspath(shutil.which(argv0) or argv0)
 
 
 def kernel_fingerprint(name: str) -> str:

@@ -215,6 +215,7 @@ def load_pipeline(path: str | Path, overrides: Mapping[str, Any] | None = None, 
     except OutputClash as e:
         raise PipelineSpecError(shown, spec.steps[e.step].line, str(e)) from None
     _check_needs(spec, shown)
+    spec._bases.clear()  # step_names' index: made from the steps as loaded
     return spec
 
 
