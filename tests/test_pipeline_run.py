@@ -365,7 +365,9 @@ COMPUTE = ["%load_ext jupyter_mlops\n%mlops track",
 def test_what_the_cell_computes_stays_and_the_parent_records_effective_values(mlops_project: Project) -> None:
     root = mlops_project.root
     make_notebook(root / "calc.ipynb", COMPUTE, NOT_LITERAL)
-    (root / "pipeline.yaml").write_text("parameters: {seed: 0}\nsteps:\n  calc: {notebook: calc.ipynb, parameters: {n: 5}}\n")
+    make_notebook(root / "quiet.ipynb", ["pass"], NOT_LITERAL)  # no %mlops track: the runner's record only
+    (root / "pipeline.yaml").write_text("parameters: {seed: 0}\nsteps:\n  calc: {notebook: calc.ipynb, parameters: {n: 5}}\n"
+                                        "  quiet: {notebook: quiet.ipynb, parameters: {n: 7}}\n")
     result = run(mlops_project, parameters={"seed": 1})
     assert result.ok, {n: s.error for n, s in result.steps.items()}
     # only n (the step's) and seed (-p over the pipeline's) were injected: k and home are the cell's
@@ -375,8 +377,9 @@ def test_what_the_cell_computes_stays_and_the_parent_records_effective_values(ml
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = next(r for r in runs if "mlops.step" not in r.data.tags)
     assert parent.data.params == {"seed": "1"}  # once, effective: not seed 0 beside "-p seed" 1
-    step = next(r for r in runs if r.data.tags.get("mlops.step") == "calc")
-    assert step.data.params == {"k": "2 * 3", "home": "os.path.join('a', 'b')", "n": "5", "seed": "1"}
+    steps = {r.data.tags.get("mlops.step"): r.data.params for r in runs if "mlops.step" in r.data.tags}
+    assert steps["calc"] == {"k": "2 * 3", "home": "os.path.join('a', 'b')", "n": "5", "seed": "1"}
+    assert steps["quiet"] == {**steps["calc"], "n": "7"}
 
 
 def test_progress_and_errors_number_the_authors_code_cells(mlops_project: Project) -> None:

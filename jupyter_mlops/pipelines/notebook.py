@@ -21,7 +21,7 @@ from ..tracking import flusher
 from ..tracking.ledger import SpooledRun, spooled_runs
 
 __all__ = ["NotebookResult", "NotebookFailed", "run_notebook", "execute_on_kernel", "register_engine",
-           "code_cell_number", "failed_cell"]
+           "code_cell_number", "failed_cell", "recorded_parameters"]
 
 #: Cells papermill adds to the notebook it writes: the injected parameters, the error banners.
 ADDED_TAGS = frozenset({"injected-parameters", "papermill-error-cell-tag"})
@@ -90,10 +90,13 @@ def _stuck(run: SpooledRun, after: float) -> bool:
     return bool(run.state.get("waiting")) and since is not None and time.time() - float(since) >= after
 
 
-def _parameters_json(src: Path, parameters: Mapping[str, Any]) -> str:
-    """Defaults of the notebook's parameters cell and the injected values, for the run's params.
+def recorded_parameters(src: Path, parameters: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(defaults, injected) as a run records them: the notebook's parameters cell (a literal as MLflow
+    stringifies it, an expression as written) and the values set, as text. The runner's record of a
+    step and the kernel's ``%mlops track`` use this one form, so they never log two values for one param.
 
-    Reads the JSON directly: nbformat costs a tenth of a second to import, per step."""
+    Reads the JSON directly: nbformat costs a tenth of a second to import, per step.
+    Raises :class:`MlopsError` for a notebook that cannot be read."""
     from ..parameters_cell import read_notebook
     from ..tracking.context import parameter_defaults
 
@@ -101,7 +104,12 @@ def _parameters_json(src: Path, parameters: Mapping[str, Any]) -> str:
         defaults = parameter_defaults(read_notebook(src))
     except (OSError, ValueError) as e:
         raise MlopsError(f"{src}: not a readable notebook ({e})") from e
-    injected = {k: v if isinstance(v, str) else str(v) for k, v in parameters.items()}
+    return defaults, {k: v if isinstance(v, str) else str(v) for k, v in parameters.items()}
+
+
+def _parameters_json(src: Path, parameters: Mapping[str, Any]) -> str:
+    """Defaults of the notebook's parameters cell and the injected values, for the run's params."""
+    defaults, injected = recorded_parameters(src, parameters)
     return json.dumps({"defaults": defaults, "injected": injected})
 
 

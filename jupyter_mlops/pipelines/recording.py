@@ -76,7 +76,12 @@ class PipelineRecorder:
         if self.parent is None:
             return None
         from ..tracking.run import create_run
+        from .notebook import recorded_parameters
 
+        try:  # the step's effective values: the cell's own defaults, the values set over them
+            defaults, injected = recorded_parameters(step.notebook, step.parameters)
+        except MlopsError:
+            defaults, injected = {}, {k: _text(v) for k, v in step.parameters.items()}
         tags = dict(self.context.tags) if self.context else {}
         tags.update({"mlops.pipeline.name": self.spec.name, "mlops.pipeline.run_id": self.run_id,
                      "mlops.step": step.name, "mlops.step.base": step.base, "mlops.cache_key": cache_key or "",
@@ -84,7 +89,7 @@ class PipelineRecorder:
                      "mlops.notebook.path": str(step.notebook)})
         try:
             run = create_run(self.parent.header["experiment"], step.name, tags=tags,
-                             params={k: _text(v) for k, v in step.parameters.items()}, notebook=step.notebook,
+                             params={**defaults, **injected}, notebook=step.notebook,
                              parent_spool_id=self.parent.spool_id, config=self.config)
         except MlopsError as e:
             log.warning("step %s: not tracked (%s)", step.name, e)
