@@ -41,6 +41,7 @@ __all__ = ["find_kernelspecs", "kernelspec", "kernel_fingerprint", "python_finge
 
 NATIVE = "python3"
 _lock = threading.Lock()
+_memory: dict[str, dict[str, Any]] = {}  # this process's copy of the disk cache (validated the same way)
 
 
 def _kernel_dirs() -> list[Path]:
@@ -131,17 +132,20 @@ def python_fingerprint(interpreter: str, env: dict[str, str] | None = None) -> s
                 "variables": {v: merged.get(v) for v in _PATH_VARIABLES}}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     with _lock:
-        entry = _load_disk().get(key)
+        entry = _memory.get(key) or _load_disk().get(key)
         if entry and _still_valid(entry):
+            _memory[key] = entry
             return str(entry["fingerprint"])
         probed = _probe(interpreter, merged)
         if probed is None:  # cannot be asked: key on its identity, so a change still shows
             return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         version, prefix, paths = probed
+        # the mtimes before the listing: an install in between makes the entry stale, not wrong
+        mtimes = {p: _mtime(p) for p in [*paths, os.path.join(prefix, "conda-meta")]}
         listing = _distributions(paths) + _conda_meta(prefix)
         fingerprint = hashlib.sha256(json.dumps([version, listing]).encode()).hexdigest()
-        watched = [*paths, os.path.join(prefix, "conda-meta")]
-        _save_disk(key, {"fingerprint": fingerprint, "mtimes": {p: _mtime(p) for p in watched}})
+        _memory[key] = {"fingerprint": fingerprint, "mtimes": mtimes}
+        _save_disk(key, _memory[key])
         return fingerprint
 
 
