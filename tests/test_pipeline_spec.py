@@ -97,6 +97,7 @@ def test_a_pipeline_expands_resolves_and_orders(mlops_pipeline_dir: Path) -> Non
         # paths: outside the project, absolute, two spellings of one, a folder holding another's file
         ("steps:\n  a:\n    notebook: features.ipynb\n    outputs: [../x]\n", 4, "output '../x' is outside the project"),
         ("steps:\n  a:\n    notebook: features.ipynb\n    inputs: [/etc/hosts]\n", 4, "input '/etc/hosts' is absolute"),
+        ("steps:\n  a:\n    notebook: features.ipynb\n    outputs: [out/..]\n", 4, "output 'out/..' is the pipeline file's own folder"),
         ("steps:\n  a:\n    notebook: features.ipynb\n    outputs: [out/x]\n  b:\n    notebook: select.ipynb\n"
          "    outputs: [./out/x]\n", 5, "steps a and b both write 'out/x'"),
         ("steps:\n  a:\n    notebook: features.ipynb\n    outputs: [out]\n  b:\n    notebook: select.ipynb\n"

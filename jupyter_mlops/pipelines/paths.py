@@ -29,6 +29,8 @@ class OutputClash(ValueError):
 
 
 _UNSAFE = re.compile(r"[^\w.-]")
+#: a relative path whose parts are all plain names: no empty part, no ``.`` or ``..``, no ``\``
+_PLAIN = re.compile(r"(?!\.\.?(?:/|$))[^/\\\s][^/\\]*(?:/(?!\.\.?(?:/|$))[^/\\]+)*\Z")
 
 
 def notebook_file(step_name: str) -> str:
@@ -43,11 +45,15 @@ def normalise(path: str, base: str, root: str) -> str:
 
     Raises ``ValueError`` with the reason when it is empty, absolute, or lands outside ``root``.
     """
+    if _PLAIN.match(path):  # most paths: already in their one spelling, and inside base (so the project)
+        return path
     if not path.strip():
         raise ValueError("is empty")
     if posixpath.isabs(path):
         raise ValueError("is absolute; name it relative to the pipeline file's folder")
     norm = posixpath.normpath(path)
+    if norm == ".":
+        raise ValueError("is the pipeline file's own folder; name a file or folder inside it")
     inside = posixpath.normpath(posixpath.join(base, norm))
     top = root.rstrip("/")
     if inside == top:
