@@ -58,9 +58,8 @@ def build_dag(spec: PipelineSpec) -> Dag:
     for name, step in spec.steps.items():
         for need in step.needs:
             parents[name].update(spec.step_names(need) or [need])
-        for input_ in step.inputs:
-            parents[name].update(index.feeding(input_.rstrip("/")))
-        parents[name].discard(name)
+        for input_ in step.inputs:  # a step reading what it writes itself is no cycle; needing itself is
+            parents[name].update(index.feeding(input_.rstrip("/")) - {name})
     try:
         TopologicalSorter({n: sorted(p) for n, p in parents.items()}).prepare()
     except CycleError as e:
