@@ -36,6 +36,8 @@ def check_parameters(step: StepSpec, given: Mapping[str, Any], source: str, file
     """Raises :class:`PipelineSpecError` at ``file:line`` for a name of ``given`` that ``step``'s
     notebook does not declare, or a value of another kind than its default; ``source`` says who
     set it (its, matrix, pipeline, -p)."""
+    if not given:
+        return
     defaults = step.defaults
     for name, value in given.items():
         if name not in defaults:
