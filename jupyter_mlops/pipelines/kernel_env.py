@@ -53,10 +53,27 @@ def _kernel_dirs() -> list[Path]:
     return dirs
 
 
+_found: tuple[list[tuple[Path, int | None]], dict[str, Path]] | None = None  # (folders' mtimes, answer)
+
+
 def find_kernelspecs() -> dict[str, Path]:
-    """``{name: resource folder}`` of the kernel specs installed here (names lowercased, first wins)."""
+    """``{name: resource folder}`` of the kernel specs installed here (names lowercased, first wins).
+
+    Remembered while no kernels folder changes its mtime (adding or removing a spec does): every
+    step's key asks, and listing the folders each time was most of a millisecond."""
+    global _found
+    dirs = _kernel_dirs()
+    stamps = [(d, _mtime(str(d))) for d in dirs]
+    if _found is not None and _found[0] == stamps:
+        return dict(_found[1])
+    found = _list_kernelspecs(dirs)
+    _found = (stamps, found)
+    return dict(found)
+
+
+def _list_kernelspecs(dirs: list[Path]) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for folder in _kernel_dirs():
+    for folder in dirs:
         try:
             names = os.listdir(folder)
         except OSError:
