@@ -14,7 +14,10 @@ Measures, each against what a user would do without us (the anchor), interleaved
    linked by ``needs``, each a trivial 3-cell notebook, run in-process with ``force=True`` by
    ``jupyter_mlops.pipelines.runner.run_pipeline``: (wall time - the cells' own time, ~0) / N, vs
    one ``papermill.execute_notebook`` of the same notebook in-process (a cold kernel each time,
-   as papermill does).
+   as papermill does);
+4. loading a pipeline of a 10,000-step matrix and building its DAG (``load_pipeline`` +
+   ``build_dag``, in-process): ours alone, no anchor (it was 31.6 s when every step's outputs were
+   compared with every step's inputs); the figure is ``dag_build_10k_s``.
 
 Every measure works in a fresh copy of ``examples/iris`` (or of the chain) in one temporary
 folder: its own git repository and DVC project (``dvc init``), with the embedded MLflow store's
@@ -458,7 +461,51 @@ def run_all(p: dict[str, Any], tmp: Path, errors: dict[str, str]) -> dict[str, f
         if cold.get("ours"):
             m["chain_own_pool_step_s"] = cold["ours"][0]
             log(f"  same chain, kernels started by the run itself: {cold['ours'][0]:.3f} s per step")
+
+    # 4. loading a large matrix ---------------------------------------------------------------------
+    rounds = 3 if p is QUICK else 5
+    log(f"DAG of a {DAG_STEPS:,}-step matrix (two matrix steps, each input fed by one output): "
+        f"{rounds} x load_pipeline + build_dag, in-process")
+    res = guarded("dag_build", lambda: interleave(log, rounds, [("ours", dag_build(tmp))], warmup=[dag_build(tmp)]),
+                  dict)
+    if res.get("ours"):
+        m["dag_build_10k_s"] = median(res["ours"])
     return m
+
+
+#: Steps in the DAG-building measure (two matrix steps of half as many values each).
+DAG_STEPS = 10_000
+
+
+def dag_build(tmp: Path) -> Callable[[], float]:
+    """A timer of load_pipeline + build_dag for a pipeline of :data:`DAG_STEPS` steps: ``make[n=i]``
+    writes ``parts/i.csv``, ``use[n=i]`` reads it (the old pairwise scan compared 10^8 pairs)."""
+    folder = tmp / "dag"
+    if not folder.is_dir():
+        folder.mkdir()
+        notebook = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "n = 0",
+                               "outputs": [], "execution_count": None}],
+                    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                    "nbformat": 4, "nbformat_minor": 5}
+        (folder / "step.ipynb").write_text(json.dumps(notebook))
+        values = ", ".join(str(i) for i in range(DAG_STEPS // 2))
+        (folder / "pipeline.yaml").write_text(
+            "steps:\n"
+            f"  make: {{notebook: step.ipynb, matrix: {{n: [{values}]}}, outputs: ['parts/{{n}}.csv']}}\n"
+            f"  use: {{notebook: step.ipynb, matrix: {{n: [{values}]}}, inputs: ['parts/{{n}}.csv'], "
+            "outputs: ['used/{n}.csv']}\n")
+
+    def measure() -> float:
+        from jupyter_mlops.pipelines.dag import build_dag
+        from jupyter_mlops.pipelines.spec import load_pipeline
+
+        started = time.perf_counter()
+        dag = build_dag(load_pipeline(folder / "pipeline.yaml", max_steps=DAG_STEPS))
+        took = time.perf_counter() - started
+        assert len(dag.parents) == DAG_STEPS and dag.parents["use[n=7]"] == {"make[n=7]"}
+        return took
+
+    return measure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,6 +565,8 @@ def report(m: dict[str, float | None], p: dict[str, Any], errors: dict[str, str]
               f"{r_txt}  {goal_txt:<24} {met}")
     for what, why in errors.items():
         print(f"ours: {what}: {why.splitlines()[0] if why else ''}")
+    if m.get("dag_build_10k_s") is not None:
+        print(f"{f'DAG of a {DAG_STEPS:,}-step matrix':<30} {'(none)':<18} {'':>9} {fmt(m['dag_build_10k_s'], 's'):>9}")
     print()
     metrics = {key: (round(v, 4) if v is not None else None) for key, v in m.items()}
     out = {"bench": "pipelines", "metrics": metrics, "ratios": ratios, "goals": GOALS}

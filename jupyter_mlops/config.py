@@ -164,6 +164,13 @@ class MlopsConfig(Configurable):
         help="Steps of one pipeline run at once; 0: the pipeline's own `workers:` (default 2).",
     ).tag(config=True)
 
+    pipeline_max_steps = Integer(
+        10_000,
+        help="Most steps one pipeline run may have, matrix expansions counted. A matrix is easy to "
+        "make far larger than intended (three keys of 30 values are 27,000 steps, each a kernel and a "
+        "tracked run): a pipeline over the limit is refused at load, saying which step passed it.",
+    ).tag(config=True)
+
     @default("flusher_python")
     def _default_flusher_python(self) -> str:
         import sys
@@ -268,9 +275,12 @@ def _config_files(dirs: list[str]) -> Config:
     return merged
 
 
-def load_config(config: Config | None = None, *, read_files: bool = True, **overrides: object) -> MlopsConfig:
+def load_config(config: Config | None = None, *, read_files: bool = True, folder: Path | None = None,
+                **overrides: object) -> MlopsConfig:
     """Build the effective settings: files < environment < ``config`` < ``overrides``.
 
+    ``folder``: where the work is (a pipeline file's folder), in place of the working directory:
+    its config file is read, and the project is the one holding it unless configured otherwise.
     Raises :class:`ConfigError` when a config file cannot be loaded.
     """
     merged = Config()
@@ -278,7 +288,7 @@ def load_config(config: Config | None = None, *, read_files: bool = True, **over
         from jupyter_core.paths import jupyter_config_path
 
         # Lowest priority first: system paths come last in jupyter_config_path().
-        merged.merge(_config_files([*reversed(jupyter_config_path()), os.getcwd()]))
+        merged.merge(_config_files([*reversed(jupyter_config_path()), str(folder or os.getcwd())]))
     env_values = {}
     for trait, names in ENV_OVERRIDES.items():
         for name in names:
@@ -290,4 +300,7 @@ def load_config(config: Config | None = None, *, read_files: bool = True, **over
         merged.merge(config)
     if overrides:
         merged.merge(Config({"MlopsConfig": overrides}))
-    return MlopsConfig(config=merged)
+    settings = MlopsConfig(config=merged)
+    if folder is not None and not settings.project_root:
+        settings.project_root = str(find_project_root(Path(folder)))
+    return settings

@@ -208,13 +208,20 @@ class CronError(MlopsError, ValueError):
 class NotebookFailed(MlopsError):
     """A cell raised. Carries the failing cell and keeps the partial output notebook."""
 
-    def __init__(self, notebook: Path, output: Path, cell_index: int | None, error: str) -> None:
+    def __init__(self, notebook: Path, output: Path, cell_index: int | None, cells: int | None, error: str) -> None:
         self.notebook = notebook
         self.output = output
-        self.cell_index = cell_index
+        self.cell_index = cell_index  # the author's code cell n (1-based), of ``cells`` code cells
+        self.cells = cells
         self.error = error
-        where = f"cell {cell_index}" if cell_index is not None else "a cell"
-        super().__init__(f"{notebook}: {where} raised {error}. The partial output is in {output}.")
+        super().__init__(f"{notebook}: {self.where} raised {error}. The partial output is in {output}.")
+
+    @property
+    def where(self) -> str:
+        """``code cell 3 of 7``: as the author counts code cells in Jupyter, and as progress shows them."""
+        if self.cell_index is None:
+            return "a cell"
+        return f"code cell {self.cell_index} of {self.cells}" if self.cells else f"code cell {self.cell_index}"
 
 
 class ScheduleError(MlopsError):

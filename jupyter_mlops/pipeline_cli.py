@@ -30,7 +30,8 @@ def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--force", action="store_true", help="run every selected step even when its cache says unchanged")
     p.add_argument("--workers", type=int, help="steps at once (default: the pipeline's `workers:`, else 2)")
     p.add_argument("--no-progress", action="store_true", help="one line per step state change, nothing redrawn")
-    p.add_argument("--kernel", default="python3", help="kernel spec for steps that name no environment or profile (default python3)")
+    p.add_argument("--kernel", help="kernel spec for steps that name no kernel, environment or profile "
+                   "(default: each notebook's own kernelspec)")
     p.add_argument("--no-wait", action="store_true",
                    help="while another run of this pipeline goes, fail naming it (default: wait for it)")
     p.add_argument("--schedule-id", help=argparse.SUPPRESS)  # set by the scheduler
@@ -40,6 +41,8 @@ def add_pipeline_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     p = cmds.add_parser("resume", help="re-run the failed steps of a run and what depends on them")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--workers", type=int)
+    p.add_argument("--kernel", help="kernel spec for steps that name no kernel, environment or profile "
+                   "(default: the one the run was given)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-wait", action="store_true",
                    help="while another run of this pipeline goes, fail naming it (default: wait for it)")
@@ -124,8 +127,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     _terminate_as_interrupt()
     progress = _listener(args.no_progress)
     try:
-        result = resume_pipeline(args.run_id, listener=progress, workers=args.workers, wait=not args.no_wait,
-                                 on_wait=_waiting, cancel_signal=True)
+        result = resume_pipeline(args.run_id, listener=progress, workers=args.workers, kernel_name=args.kernel,
+                                 wait=not args.no_wait, on_wait=_waiting, cancel_signal=True)
     except KeyboardInterrupt:
         progress.close()
         print("cancelled", file=sys.stderr)

@@ -79,6 +79,7 @@ def mlops_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     monkeypatch.setenv("MLOPS_FLUSHER_IDLE", "1")
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site-cache"))  # not /var/tmp/dvc
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the kernel fingerprints' cache
     for name in ("MLOPS_SPOOL_DIR", "MLOPS_EXPERIMENT", "MLFLOW_EXPERIMENT_NAME", "MLOPS_PARENT_RUN_ID",
                  "MLOPS_RUN_ID", "MLOPS_NOTEBOOK_PATH", "MLOPS_OUTPUT_NOTEBOOK_PATH", "JPY_SESSION_NAME",
                  "MLOPS_NOTEBOOK_PARAMETERS", "MLOPS_INVOCATION_ID"):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
          {"vs_mlflow_sync", "vs_log_batch"}),
         ("data", {"add_mb_per_s", "md5_limit_mb_per_s", "unchanged_check_s"}, {"vs_dvc_add", "vs_dvc_status"}),
         ("pipelines", {"pipeline_s", "step_overhead_s", "noop_rerun_s", "papermill_cli_s", "dvc_repro_noop_s",
-                       "papermill_inproc_s"}, {"vs_papermill_cli", "vs_dvc_repro_noop", "vs_papermill_inproc"}),
+                       "papermill_inproc_s", "dag_build_10k_s"}, {"vs_papermill_cli", "vs_dvc_repro_noop", "vs_papermill_inproc"}),
         ("kernels", {"pooled_first_reply_s", "cold_first_reply_s", "cold_in_prefix_s", "env_create_s",
                      "env_create_noop_s", "env_create_shared_cache_s", "server_pooled_first_reply_s",
                      "server_cold_first_reply_s"},

@@ -31,7 +31,7 @@ def test_a_failing_notebook_fails_its_run_and_keeps_the_partial_output(mlops_pro
     make_notebook(mlops_project.root / "bad.ipynb", ["%load_ext jupyter_mlops\n%mlops track --experiment broken", "1/0", "print('never')"])
     done = cli("run", "bad.ipynb", "--no-progress", cwd=mlops_project.root)
     assert done.returncode == 1
-    assert "cell 2 raised ZeroDivisionError: division by zero" in done.stderr
+    assert "code cell 2 of 3 raised ZeroDivisionError: division by zero" in done.stderr
     assert "Traceback" not in done.stderr
     assert find_run(mlops_project, "broken").info.status == "FAILED"
     assert (mlops_project.root / ".mlops" / "outputs" / "bad.out.ipynb").is_file()

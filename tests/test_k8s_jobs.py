@@ -173,7 +173,7 @@ def test_a_failing_notebook_fails_its_step_in_one_line_with_its_partial_output(m
 """, {"broken": (["print('before')", "raise ValueError('boom\\nsecond line')"], None)})
     step = run(mlops_project).steps["broken"]
     assert (step.status, step.attempts) == ("failed", 2)  # retried by the runner: the Jobs have backoffLimit 0
-    assert step.error == f"cell 2 raised ValueError: boom second line; the partial output is in {step.output_notebook}"
+    assert step.error == f"code cell 2 of 2 raised ValueError: boom second line; the partial output is in {step.output_notebook}"
     assert outputs(step.output_notebook) == ["before\n"]
     assert len([m for m in mlops_k8s.manifests if m["kind"] == "Job"]) == 2  # one Job per attempt
 

@@ -273,3 +273,92 @@ def test_a_fresh_runner_process_never_races_its_own_imports(mlops_kernels_projec
         out = done.stdout + done.stderr
         assert done.returncode == 0, f"try {attempt + 1}:\n{out[-4000:]}"
         assert "partially initialized" not in out and "Deadlock" not in out
+
+
+def _kernelspec(data_dir: Path, name: str, env: dict[str, str] | None = None) -> None:
+    folder = data_dir / "kernels" / name
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": name, "language": "python", "env": env or {}}))
+
+
+def test_the_key_covers_the_kernels_environment_not_the_runners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_mlops.pipelines.cache import step_key
+    from jupyter_mlops.pipelines.spec import StepSpec
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    site = tmp_path / "site"  # on kernel b's path only
+    site.mkdir()
+    _kernelspec(tmp_path / "data", "a")
+    _kernelspec(tmp_path / "data", "b", {"PYTHONPATH": str(site)})
+    nb = make_notebook(tmp_path / "nb.ipynb", ["pass"])
+
+    def key(kernel: str) -> str:
+        return step_key(StepSpec("s", "s", nb, {}, [], [], [], kernel=kernel), {})
+
+    a, b = key("a"), key("b")
+    assert a != b  # another kernel, another key
+    runner_only = tmp_path / "runner-only"  # a package only this (the runner's) process can import
+    (runner_only / "unrelated-1.0.dist-info").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(runner_only))
+    assert (key("a"), key("b")) == (a, b)
+    (site / "newpkg-2.0.dist-info").mkdir()  # installed where kernel b's interpreter looks
+    assert key("a") == a and key("b") not in (a, b)
+
+
+def test_a_venv_kernel_is_keyed_on_the_venvs_own_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A venv's bin/python is a link to the base interpreter: only through the link is it the venv's."""
+    import venv
+
+    from jupyter_mlops.pipelines.cache import step_key
+    from jupyter_mlops.pipelines.spec import StepSpec
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    venv.create(tmp_path / "venv", symlinks=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    folder = tmp_path / "data" / "kernels" / "v"
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps({
+        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "v"}))
+    nb = make_notebook(tmp_path / "nb.ipynb", ["pass"])
+    before = step_key(StepSpec("s", "s", nb, {}, [], [], [], kernel="v"), {})
+    site = next((tmp_path / "venv" / "lib").glob("python3*/site-packages"))
+    (site / "installed_in_the_venv-1.0.dist-info").mkdir()
+    assert step_key(StepSpec("s", "s", nb, {}, [], [], [], kernel="v"), {}) != before
+
+
+DIFFERENT = """\
+name: kernels
+steps:
+  mine:
+    notebook: which.ipynb
+    parameters: {out: mine.json}
+    outputs: [mine.json]
+  other:
+    notebook: which_other.ipynb
+    parameters: {out: other.json}
+    outputs: [other.json]
+"""
+
+
+def test_each_step_runs_on_its_notebooks_kernelspec(mlops_kernels_project: Project, tmp_path: Path) -> None:
+    root = mlops_kernels_project.root
+    _kernelspec(tmp_path / "jupyter-data", "other", {"MLOPS_WHICH_KERNEL": "other"})
+    code = "import json, os\njson.dump(os.environ.get('MLOPS_WHICH_KERNEL'), open(out, 'w'))"
+    make_notebook(root / "which.ipynb", [code], "out = 'x.json'")
+    nb = json.loads(make_notebook(root / "which_other.ipynb", [code], "out = 'x.json'").read_text())
+    nb["metadata"]["kernelspec"] = {"name": "other", "display_name": "other", "language": "python"}
+    (root / "which_other.ipynb").write_text(json.dumps(nb))
+    result = run(mlops_kernels_project, DIFFERENT)
+    assert result.ok, {n: s.error for n, s in result.steps.items()}
+    assert json.loads((root / "mine.json").read_text()) is None  # python3, the notebook's own
+    assert json.loads((root / "other.json").read_text()) == "other"
+    assert not KERNELS.all()
+    # the run names a kernel: both steps run on it, and the key says so (the step that ran on
+    # python3 runs again, the other one ran on this kernel already)
+    forced = run_pipeline(root / "pipeline.yaml", config=mlops_kernels_project.config(), kernel_name="other")
+    assert {n: s.status for n, s in forced.steps.items()} == {"mine": "succeeded", "other": "cached"}
+    assert json.loads((root / "mine.json").read_text()) == "other"

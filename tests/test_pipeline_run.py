@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,13 +141,19 @@ def test_cache_misses_on_each_cause_and_only_there(demo: Project, monkeypatch: p
     (demo.root / "final.txt").unlink()
     assert statuses(run(demo, parameters={"make.n": 4}))["join"] == "succeeded"
 
-    # the environment's lock
-    lock = demo.root / "conda-lock.yml"
-    lock.write_text("version: 1\n")
-    monkeypatch.setenv("MLOPS_ENV_LOCK", str(lock))
-    monkeypatch.setattr(cache, "_env_digest", None)  # computed once per process; this is a new one
-    result = run(demo, parameters={"make.n": 4})
-    assert set(statuses(result).values()) == {"succeeded"}
+    # the kernel's environment, not the runner's: a package installed where only this process looks
+    # re-runs nothing; one installed where the kernel's interpreter looks re-runs every step
+    monkeypatch.setattr(cache, "_env_digest", None, raising=False)  # the old runner cached it per process
+    runner_only = demo.root.parent / "runner-only"
+    (runner_only / "unrelated_pkg-1.0.dist-info").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(runner_only))
+    assert set(statuses(run(demo, parameters={"make.n": 4})).values()) == {"cached"}
+    seen = demo.root.parent / "kernel-site"
+    seen.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(seen), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    assert set(statuses(run(demo, parameters={"make.n": 4})).values()) == {"cached"}  # a folder, no package
+    (seen / "newpkg-2.0.dist-info").mkdir()
+    assert set(statuses(run(demo, parameters={"make.n": 4})).values()) == {"succeeded"}
 
     # --force runs all; --only runs one
     assert set(statuses(run(demo, parameters={"make.n": 4}, force=True)).values()) == {"succeeded"}
@@ -168,7 +176,7 @@ def test_failure_retries_keeps_partial_notebook_and_resume_reruns_only_what_fail
     assert statuses(failed) == {"make": "succeeded", "use[k=1]": "failed", "use[k=2]": "failed", "join": "blocked"}
     step = failed.steps["use[k=1]"]
     assert step.attempts == 2
-    assert "cell 2 raised RuntimeError: not fixed yet" in (step.error or "")
+    assert "code cell 2 of 3 raised RuntimeError: not fixed yet" in (step.error or "")
     import nbformat
 
     partial = nbformat.read(step.output_notebook, as_version=4)
@@ -584,3 +592,68 @@ def test_a_lock_held_by_a_dead_run_is_taken_over_and_a_live_one_refuses(demo: Pr
         start_run(history, PipelineResult("other", "demo", file), wait=False, on_wait=print,
                   cancel=threading.Event(), **row)
     assert history.run("other") is None and history.run("alive")["status"] == "running"
+
+
+def test_the_project_is_the_pipeline_files_not_the_working_directorys(mlops_project: Project, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root = mlops_project.root
+    make_notebook(root / "nb.ipynb", ["import os\nprint(os.getcwd())"], "k = 1")
+    (root / "pipeline.yaml").write_text("steps:\n  one: {notebook: nb.ipynb, parameters: {k: 2}}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in ("MLOPS_PROJECT_ROOT", "MLFLOW_TRACKING_URI"):  # nothing says where the project is
+        monkeypatch.delenv(name)
+    result = run_pipeline(root / "pipeline.yaml", retry_backoff=0.01)
+    assert result.ok, {n: s.error for n, s in result.steps.items()}
+    assert not (elsewhere / ".mlops").exists()
+    store = open_store("sqlite:///" + str(root / ".mlops" / "pipelines.db"))
+    assert store.query("SELECT status FROM pipeline_runs WHERE id = ?", (result.run_id,)) == [{"status": "succeeded"}]
+    assert Path(result.steps["one"].output_notebook).is_relative_to(root / ".mlops")
+
+
+NOT_LITERAL = "import os\nk = 2 * 3\nhome = os.path.join('a', 'b')\nn = 1\nseed = 0"
+COMPUTE = ["%load_ext jupyter_mlops\n%mlops track",
+           "import json\njson.dump({'k': k, 'home': home, 'n': n, 'seed': seed}, open('computed.json', 'w'))"]
+
+
+def test_what_the_cell_computes_stays_and_the_parent_records_effective_values(mlops_project: Project) -> None:
+    root = mlops_project.root
+    make_notebook(root / "calc.ipynb", COMPUTE, NOT_LITERAL)
+    make_notebook(root / "quiet.ipynb", ["pass"], NOT_LITERAL)  # no %mlops track: the runner's record only
+    (root / "pipeline.yaml").write_text("parameters: {seed: 0}\nsteps:\n  calc: {notebook: calc.ipynb, parameters: {n: 5}}\n"
+                                        "  quiet: {notebook: quiet.ipynb, parameters: {n: 7}}\n")
+    result = run(mlops_project, parameters={"seed": 1})
+    assert result.ok, {n: s.error for n, s in result.steps.items()}
+    # only n (the step's) and seed (-p over the pipeline's) were injected: k and home are the cell's
+    assert json.loads((root / "computed.json").read_text()) == {"k": 6, "home": "a/b", "n": 5, "seed": 1}
+    uploaded(mlops_project)
+    client = mlops_project.client()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if "mlops.step" not in r.data.tags)
+    assert parent.data.params == {"seed": "1"}  # once, effective: not seed 0 beside "-p seed" 1
+    steps = {r.data.tags.get("mlops.step"): r.data.params for r in runs if "mlops.step" in r.data.tags}
+    assert steps["calc"] == {"k": "2 * 3", "home": "os.path.join('a', 'b')", "n": "5", "seed": "1"}
+    assert steps["quiet"] == {**steps["calc"], "n": "7"}
+
+
+def test_progress_and_errors_number_the_authors_code_cells(mlops_project: Project) -> None:
+    import nbformat
+
+    root = mlops_project.root
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell("k = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), params, nbformat.v4.new_markdown_cell("Next: x"),
+                nbformat.v4.new_code_cell("x = k"), nbformat.v4.new_markdown_cell("It fails here"),
+                nbformat.v4.new_code_cell("raise ValueError('bad')"), nbformat.v4.new_code_cell("print('never')")]
+    nbformat.write(nb, root / "cells.ipynb")
+    (root / "pipeline.yaml").write_text("steps:\n  cells: {notebook: cells.ipynb, parameters: {k: 2}}\n")
+    seen: list[tuple[int, int]] = []
+    result = run(mlops_project, listener=lambda r, step: step.cell and seen.append(step.cell))
+    step = result.steps["cells"]
+    # in Jupyter the failing cell is the author's third code cell of four (markdown and papermill's
+    # injected parameters not counted); progress showed it as cell 3/4 too
+    assert (step.error or "").startswith("code cell 3 of 4 raised ValueError: bad"), step.error
+    assert sorted(set(seen)) == [(1, 4), (2, 4), (3, 4)]

@@ -277,7 +277,8 @@ def _papermill(src: Path, out: Path, parameters: dict[str, Any], kernel: str) ->
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from ..pipelines.notebook import register_engine, source_cell
+    from ..errors import NotebookFailed
+    from ..pipelines.notebook import failed_cell, register_engine
 
     def cell(n: int, m: int) -> None:
         _emit([PREFIX + f"cell {n} {m}".encode()])
@@ -288,7 +289,8 @@ def _papermill(src: Path, out: Path, parameters: dict[str, Any], kernel: str) ->
                                    progress_bar=False, log_output=False, engine_name="mlops", cwd=str(src.parent),
                                    mlops_setup=None, mlops_on_cell=cell)
     except PapermillExecutionError as e:
-        return 1, f"cell {source_cell(out, e.cell_index) + 1} raised {e.ename}: {e.evalue}"
+        where = NotebookFailed(src, out, *(failed_cell(out) or (None, None)), "").where
+        return 1, f"{where} raised {e.ename}: {e.evalue}"
     except Exception as e:  # the kernel died or could not start, papermill refused the notebook...
         return 2, f"{type(e).__name__}: {e}"
     return 0, None

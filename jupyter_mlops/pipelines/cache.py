@@ -4,10 +4,22 @@ A step's key is the sha256 of, in canonical JSON:
   * the source of the notebook's code cells, and nothing else of the notebook (outputs,
     execution counts and papermill's timestamps change on every run; they are why ``dvc repro``
     re-runs everything downstream of a re-executed notebook);
-  * the step's resolved parameters and its declared outputs;
+  * the parameters the pipeline, the step, the matrix and ``-p`` set (the cell's own defaults are
+    in its source, above), and its declared outputs;
   * the versions (DVC md5s) of its inputs;
-  * the environment: interpreter, installed packages, conda lock, and the step's environment
-    and profile names with that environment's lock.
+  * what its kernel runs on, and nothing of the runner's own process:
+      - the kernel spec it runs on (the step's ``kernel:``, ``--kernel`` or the notebook's own), its
+        ``environment`` and ``profile`` names;
+      - for a step in a named environment: that environment's lock (re-locking re-runs it);
+      - otherwise the fingerprint of the kernel's interpreter (:mod:`.kernel_env`): the spec's argv
+        and env, the interpreter's version and the distributions on *its* ``sys.path``. So a
+        ``pip install`` into the runner's venv re-runs nothing when the kernel is another
+        interpreter, and re-runs the steps of a kernel that can import what was installed (it may
+        have changed what they compute). A profile-only step runs the runner's interpreter (the
+        ``mlops`` spec), fingerprinted the same way.
+    Why not the runner's packages, as before: the runner is not what executes the notebook; keying
+    on it re-ran every step after any unrelated install, and missed what changed in a kernel of
+    another interpreter (an R notebook's kernel, a conda environment's python).
 A step is a hit when its key equals the key of its last success and each output still has the
 version recorded then (a stat snapshot check: nothing is hashed unless it changed on disk).
 """
@@ -17,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,24 +65,17 @@ def _text(source: Any) -> str:
     return "".join(source) if isinstance(source, list) else str(source)
 
 
-_env_digest: str | None = None
+def environment_digest(step: StepSpec) -> str | None:
+    """What ``step``'s kernel runs on, for its key: None for a named environment (its lock is keyed)."""
+    from .kernel_env import kernel_fingerprint, python_fingerprint
 
+    if step.environment:
+        return None
+    if step.profile:  # the mlops spec without an environment: this interpreter, the profile's limits
+        import sys
 
-def environment_digest() -> str:
-    """What the kernel's environment is made of (computed once per process)."""
-    global _env_digest
-    if _env_digest is None:
-        from ..tracking.context import _conda_lock, installed_packages
-
-        lock = _conda_lock()
-        parts = {
-            "python": sys.executable,
-            "version": sys.version,
-            "packages": installed_packages(),
-            "conda_lock": hashlib.sha256(lock.read_bytes()).hexdigest() if lock else None,
-        }
-        _env_digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    return _env_digest
+        return python_fingerprint(os.path.abspath(sys.executable))
+    return kernel_fingerprint(step.kernel or "python3")
 
 
 def _environment_lock(environment: str | None) -> str | None:
@@ -145,13 +149,14 @@ def input_versions(step: StepSpec, base: Path) -> dict[str, str]:
 
 
 def step_key(step: StepSpec, inputs: Mapping[str, str]) -> str:
+    """sha256 of what the step's result depends on (see the module's docstring)."""
     parts = {
         "code": code_digest(step.notebook),
         "parameters": step.parameters,
         "outputs": step.outputs,
         "inputs": dict(inputs),
-        "environment": environment_digest(),
-        "kernel": [step.environment, step.profile, _environment_lock(step.environment)],
+        "environment": environment_digest(step),
+        "kernel": [step.kernel, step.environment, step.profile, _environment_lock(step.environment)],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 

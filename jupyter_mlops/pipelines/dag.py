@@ -5,15 +5,10 @@ from __future__ import annotations
 from graphlib import CycleError, TopologicalSorter
 
 from ..errors import PipelineSpecError
+from .paths import OutputIndex
 from .spec import PipelineSpec
 
 __all__ = ["Dag", "build_dag"]
-
-
-def _feeds(output: str, input_: str) -> bool:
-    """An output feeds an input that is the same path or lies inside it (a folder output)."""
-    out, inp = output.rstrip("/"), input_.rstrip("/")
-    return inp == out or inp.startswith(out + "/")
 
 
 class Dag:
@@ -50,14 +45,21 @@ def _closure(names: set[str], edges: dict[str, set[str]]) -> set[str]:
 
 
 def build_dag(spec: PipelineSpec) -> Dag:
-    """The graph of ``spec``; raises :class:`PipelineSpecError` naming a cycle and where it starts."""
+    """The graph of ``spec``; raises :class:`PipelineSpecError` naming a cycle and where it starts.
+
+    An output feeds an input that is the same path or lies inside it (a folder output); outputs are
+    looked up by path (:class:`.paths.OutputIndex`), so the cost grows with the steps, not their square.
+    """
+    try:
+        index = spec.outputs_index or OutputIndex((s.name, s.outputs) for s in spec.steps.values())
+    except ValueError as e:  # load_pipeline refuses these first; a spec built by hand may not have been
+        raise PipelineSpecError(str(spec.file), None, str(e)) from None
     parents: dict[str, set[str]] = {name: set() for name in spec.steps}
     for name, step in spec.steps.items():
         for need in step.needs:
             parents[name].update(spec.step_names(need) or [need])
-        for other_name, other in spec.steps.items():
-            if other_name != name and any(_feeds(o, i) for o in other.outputs for i in step.inputs):
-                parents[name].add(other_name)
+        for input_ in step.inputs:  # a step reading what it writes itself is no cycle; needing itself is
+            parents[name].update(index.feeding(input_.rstrip("/")) - {name})
     try:
         TopologicalSorter({n: sorted(p) for n, p in parents.items()}).prepare()
     except CycleError as e:

@@ -6,8 +6,10 @@ executor only runs one attempt and says how it ended. Executors are plug-ins: a 
 ``local`` one included), picked by name with :func:`create_executor`. The Kubernetes issue adds
 one that runs a step as a Job.
 
-A step's kernel is chosen by its ``environment`` and ``profile`` (:func:`kernel_choice`); a step
-naming neither runs on the run's ``kernel_name`` (``python3`` unless told otherwise).
+A step's kernel is chosen by its ``environment`` and ``profile``, else by the kernel spec resolved
+at load (:attr:`StepSpec.kernel`: the step's ``kernel:``, the run's ``--kernel`` or the notebook's
+own kernelspec); :func:`kernel_choice` is that triple, and executors keep one pool per choice, so
+two notebooks with different kernelspecs never share kernels.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ __all__ = ["StepExecutor", "LocalExecutor", "create_executor", "StepFailed", "Ca
 
 EXECUTOR_GROUP = "jupyter_mlops.executors"
 
-#: (environment, profile) a step asked for; None where it named none.
-KernelChoice = tuple[str | None, str | None]
-#: A step that names neither: the run's own kernel spec.
-DEFAULT_KERNEL: KernelChoice = (None, None)
+#: (environment, profile, kernel spec) a step runs on: the spec only where it names neither of the others.
+KernelChoice = tuple[str | None, str | None, str | None]
+#: A step that names nothing, in a spec made by hand (load_pipeline always resolves one): python3.
+DEFAULT_KERNEL: KernelChoice = (None, None, "python3")
 
 
 def kernel_choice(step: StepSpec) -> KernelChoice:
-    return (step.environment or None, step.profile or None)
+    if step.environment or step.profile:
+        return (step.environment or None, step.profile or None, None)
+    return (None, None, step.kernel or DEFAULT_KERNEL[2])
 
 
 class StepFailed(Exception):
@@ -56,7 +60,7 @@ class StepExecutor(ABC):
     the runner may have going at once. ``work_dir``: the run's own folder (output notebooks, logs).
     """
 
-    def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event,
+    def __init__(self, *, base: Path, kernel_name: str | None, workers: int, cancel: threading.Event,
                  work_dir: Path | None = None) -> None:
         self.base = base
         self.work_dir = work_dir
@@ -92,9 +96,9 @@ class StepExecutor(ABC):
 class LocalExecutor(StepExecutor):
     """Steps on this machine's kernels, each from a :class:`~jupyter_mlops.kernels.pool.KernelPool`.
 
-    ``pool``: a pool of ``kernel_name`` to take the kernels of steps that name no environment or
-    profile from (its owner closes it); default: one of its own, started by :meth:`prepare` and
-    sized to the steps about to run.
+    Steps that name no environment or profile run on their kernel spec (:attr:`StepSpec.kernel`),
+    from a pool per spec, started by :meth:`prepare` and sized to the steps about to run. ``pool``:
+    a pool to take the kernels of its spec from instead (its owner closes it).
 
     A step with an ``environment`` and/or ``profile`` runs on the ``mlops-local`` provisioner's base
     spec (:data:`~jupyter_mlops.kernels.kernelspecs.BASE_SPEC`), from a pool of its own per choice,
@@ -103,11 +107,11 @@ class LocalExecutor(StepExecutor):
     fail (no GPU free *then*) with an error the next step would get.
     """
 
-    def __init__(self, *, base: Path, kernel_name: str, workers: int, cancel: threading.Event,
+    def __init__(self, *, base: Path, kernel_name: str | None, workers: int, cancel: threading.Event,
                  work_dir: Path | None = None, pool: Any = None) -> None:
         super().__init__(base=base, kernel_name=kernel_name, workers=workers, cancel=cancel, work_dir=work_dir)
-        self.pool = pool
-        self._own_pool = pool is None
+        self.pool = pool  # given: not ours to close or size
+        self._plain: dict[str, Any] = {}  # kernel spec -> a pool of ours
         self._pools: dict[KernelChoice, Any] = {}  # environment/profile choice -> a pool of ours
         self._specs_synced = False
         self._closed = False
@@ -116,29 +120,44 @@ class LocalExecutor(StepExecutor):
         self.first_claim = threading.Event()
 
     def prepare(self, steps: int, kernels: Mapping[KernelChoice, int] | None = None) -> None:
-        default = steps if kernels is None else kernels.get(DEFAULT_KERNEL, 0)
-        if default:  # no kernel of kernel_name is started for a run whose steps all name environments
-            self._ensure_pool(default)
+        # no plain kernel is started for a run whose steps all name environments: those start on claim
+        for choice, count in (kernels if kernels is not None else {self._default_choice(): steps}).items():
+            if choice[2] is not None and count:
+                self._plain_pool(choice[2], count)
 
     def expect(self, soon: int, kernels: Mapping[KernelChoice, int] | None = None) -> None:
-        if self._own_pool and self.pool is not None:
-            self.pool.size = min(self.workers, soon if kernels is None else kernels.get(DEFAULT_KERNEL, 0))
-
-    def _ensure_pool(self, steps: int = 1) -> Any:
+        counts = kernels if kernels is not None else {self._default_choice(): soon}
         with self._lock:
-            if self.pool is None:
+            plain = dict(self._plain)
+        for name, pool in plain.items():
+            pool.size = min(self.workers, counts.get((None, None, name), 0))
+
+    def _default_choice(self) -> KernelChoice:
+        return (None, None, self.kernel_name or DEFAULT_KERNEL[2])
+
+    def _plain_pool(self, name: str, steps: int = 1) -> Any:
+        """The pool of kernel spec ``name``: the one given if it is of that spec, else one of ours."""
+        if self.pool is not None and self.pool.kernel_name == name:
+            return self.pool
+        with self._lock:
+            pool = self._plain.get(name)
+            if pool is None:
                 if self._closed:  # cancelled before any claim: a pool made now would outlive the run
                     raise Cancelled() if self.cancel.is_set() else StepFailed("the executor is closed")
                 from ..kernels.pool import KernelPool
 
-                self.pool = KernelPool(self.kernel_name, size=max(1, min(self.workers, steps)), cwd=self.base,
-                                       log_dir=self.work_dir / "kernels" if self.work_dir else None)
-            return self.pool
+                # a log folder per spec: each pool numbers its kernels k1, k2, ... from 1
+                logs = self.work_dir / "kernels" if self.work_dir else None
+                if logs is not None and self._plain:
+                    logs = logs / re.sub(r"[^A-Za-z0-9._-]", "_", name)
+                pool = self._plain[name] = KernelPool(name, size=max(1, min(self.workers, steps)), cwd=self.base,
+                                                      log_dir=logs)
+            return pool
 
     def _pool_for(self, choice: KernelChoice) -> Any:
         """The pool of ``choice``'s kernels; raises :class:`StepFailed` when there can be none."""
-        if choice == DEFAULT_KERNEL:
-            return self._ensure_pool()
+        if choice[2] is not None:
+            return self._plain_pool(choice[2])
         with self._lock:
             if self._closed:  # cancelled: a pool made now would outlive the run
                 raise Cancelled() if self.cancel.is_set() else StepFailed("the executor is closed")
@@ -148,7 +167,7 @@ class LocalExecutor(StepExecutor):
                 from ..kernels.pool import KernelPool
 
                 self._sync_kernelspecs()
-                environment, profile = choice
+                environment, profile, _ = choice
                 launch = {"mlops_environment": environment, "mlops_profile": profile}
                 # a log folder per choice: each pool numbers its kernels k1, k2, ... from 1
                 logs = re.sub(r"[^A-Za-z0-9._-]", "_", f"{environment or 'server'}-{profile or 'default'}")
@@ -179,7 +198,7 @@ class LocalExecutor(StepExecutor):
             kernel = pool.claim()
         except KernelStartError as e:
             # the provisioner's own one-line reason (not installed, not allowed, no GPU free, a limit)
-            reason = e.__cause__ if choice != DEFAULT_KERNEL and isinstance(e.__cause__, MlopsError) else e
+            reason = e.__cause__ if choice[2] is None and isinstance(e.__cause__, MlopsError) else e
             raise StepFailed(str(reason)) from e
         self.first_claim.set()
         me = threading.get_ident()
@@ -205,9 +224,9 @@ class LocalExecutor(StepExecutor):
             if self.cancel.is_set():
                 raise Cancelled()
             if timed_out.is_set():
-                raise StepFailed(f"timed out after {step.timeout:g} s in cell {failure.cell_index}; "
+                raise StepFailed(f"timed out after {step.timeout:g} s in {failure.where}; "
                                  f"the partial output is in {out}", out)
-            raise StepFailed(f"cell {failure.cell_index} raised {failure.error}; the partial output is in {out}", out)
+            raise StepFailed(f"{failure.where} raised {failure.error}; the partial output is in {out}", out)
 
     def _watchdog(self, step: StepSpec, pool: Any, kernel: Any, fired: threading.Event) -> threading.Timer | None:
         """At the step's timeout: interrupt the kernel; 5 s later, if still busy, shut it down."""
@@ -233,14 +252,10 @@ class LocalExecutor(StepExecutor):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            pools = list(self._pools.values())
+            pools = [*self._pools.values(), *self._plain.values()]
         for pool in pools:
             pool.close()  # ours: every kernel it started, claimed or not, is shut down
-        if self.pool is None:
-            return
-        if self._own_pool:
-            self.pool.close()
-        else:
+        if self.pool is not None:  # given: its owner closes it; the kernels claimed from it go now
             for pool, kernel in list(self._running.values()):
                 if pool is self.pool:
                     pool.release(kernel, now=True)

@@ -13,14 +13,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..config import MlopsConfig, load_config
 from ..errors import MlopsError, NotebookFailed
 from ..tracking import flusher
 from ..tracking.ledger import SpooledRun, spooled_runs
 
-__all__ = ["NotebookResult", "NotebookFailed", "run_notebook", "execute_on_kernel", "register_engine", "source_cell"]
+__all__ = ["NotebookResult", "NotebookFailed", "run_notebook", "execute_on_kernel", "register_engine",
+           "code_cell_number", "failed_cell", "recorded_parameters"]
+
+#: Cells papermill adds to the notebook it writes: the injected parameters, the error banners.
+ADDED_TAGS = frozenset({"injected-parameters", "papermill-error-cell-tag"})
 
 
 @dataclass
@@ -86,17 +90,26 @@ def _stuck(run: SpooledRun, after: float) -> bool:
     return bool(run.state.get("waiting")) and since is not None and time.time() - float(since) >= after
 
 
-def _parameters_json(src: Path, parameters: Mapping[str, Any]) -> str:
-    """Defaults of the notebook's parameters cell and the injected values, for the run's params."""
-    import nbformat
+def recorded_parameters(src: Path, parameters: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(defaults, injected) as a run records them: the notebook's parameters cell (a literal as MLflow
+    stringifies it, an expression as written) and the values set, as text. The runner's record of a
+    step and the kernel's ``%mlops track`` use this one form, so they never log two values for one param.
 
+    Reads the JSON directly: nbformat costs a tenth of a second to import, per step.
+    Raises :class:`MlopsError` for a notebook that cannot be read."""
+    from ..parameters_cell import read_notebook
     from ..tracking.context import parameter_defaults
 
     try:
-        defaults = parameter_defaults(nbformat.read(src, as_version=4))
-    except Exception as e:  # nbformat raises several kinds for a damaged file
+        defaults = parameter_defaults(read_notebook(src))
+    except (OSError, ValueError) as e:
         raise MlopsError(f"{src}: not a readable notebook ({e})") from e
-    injected = {k: v if isinstance(v, str) else str(v) for k, v in parameters.items()}
+    return defaults, {k: v if isinstance(v, str) else str(v) for k, v in parameters.items()}
+
+
+def _parameters_json(src: Path, parameters: Mapping[str, Any]) -> str:
+    """Defaults of the notebook's parameters cell and the injected values, for the run's params."""
+    defaults, injected = recorded_parameters(src, parameters)
     return json.dumps({"defaults": defaults, "injected": injected})
 
 
@@ -115,7 +128,7 @@ def _execute(src: Path, out: Path, parameters: dict[str, Any], kernel_name: str 
             cwd=str(src.parent),
         )
     except PapermillExecutionError as e:
-        return NotebookFailed(src, out, e.cell_index + 1, f"{e.ename}: {e.evalue}")
+        return NotebookFailed(src, out, *(failed_cell(out) or (None, None)), f"{e.ename}: {e.evalue}")
     except NoSuchKernel as e:
         raise MlopsError(f"no kernel named {e.name!r}: see `jupyter kernelspec list` for the names here") from e
     return None
@@ -219,7 +232,6 @@ def register_engine() -> None:
                                  kernel_name=kernel_name, log_output=log_output,
                                  stdout_file=stdout_file, stderr_file=stderr_file)
             client = PapermillNotebookClient(nb_man, **final)
-            code_cells = [i for i, c in enumerate(nb_man.nb.cells) if c.cell_type == "code"]
 
             async def notebook_start(notebook: Any) -> None:
                 if setup:
@@ -231,8 +243,9 @@ def register_engine() -> None:
                                          f"{content.get('ename', 'no reply')}: {content.get('evalue', '')}")
 
             def cell_start(cell: Any, cell_index: int) -> None:
-                if on_cell and cell.cell_type == "code":
-                    on_cell(code_cells.index(cell_index) + 1, len(code_cells))
+                number = code_cell_number(nb_man.nb.cells, cell_index) if on_cell else None
+                if on_cell and number is not None:  # papermill's injected cell is not the author's
+                    on_cell(*number)
 
             client.on_notebook_start = notebook_start
             client.on_cell_start = cell_start
@@ -262,7 +275,8 @@ def execute_on_kernel(
     """Run ``src`` through papermill on an already started kernel (``manager``), writing ``out``.
 
     ``setup`` is executed silently before the first cell (no trace in the output notebook);
-    ``on_cell(n, m)`` is called as code cell n of m starts. Returns the failure, if a cell raised;
+    ``on_cell(n, m)`` is called as code cell n of m starts (:func:`code_cell_number`: the failure
+    names its cell the same way). Returns the failure, if a cell raised;
     the kernel is left running (its owner shuts it down).
     """
     import papermill
@@ -276,29 +290,40 @@ def execute_on_kernel(
             mlops_setup=setup, mlops_on_cell=on_cell,
         )
     except PapermillExecutionError as e:
-        return NotebookFailed(src, out, source_cell(out, e.cell_index) + 1, f"{e.ename}: {e.evalue}")
+        return NotebookFailed(src, out, *(failed_cell(out) or (None, None)), f"{e.ename}: {e.evalue}")
     finally:
         _close_thread_loop()
     return None
 
 
-def source_cell(out: Path, index: int) -> int:
-    """The failing cell's index in the author's notebook. papermill's output notebook also holds
-    the cell it injected with the parameters and the error banners it adds: skip those."""
+def code_cell_number(cells: Sequence[Mapping[str, Any]], index: int | None = None) -> tuple[int, int] | None:
+    """``(n, m)``: the cell at ``index`` of an executed notebook is the author's code cell n of m.
+
+    Counted as the author sees them in Jupyter: code cells only, in order, the cells papermill
+    added (:data:`ADDED_TAGS`) left out; so progress ("cell 3/7") and errors ("code cell 3 of 7
+    raised") name the same cell the same way. ``index`` None: the first cell whose output is an
+    error. None when that cell is not one of the author's code cells (or there is none).
+    """
+    found, count = None, 0
+    for i, cell in enumerate(cells):
+        if cell.get("cell_type") != "code" or ADDED_TAGS & set((cell.get("metadata") or {}).get("tags") or ()):
+            continue
+        count += 1
+        if found is None and (i == index if index is not None else
+                              any(o.get("output_type") == "error" for o in cell.get("outputs") or ())):
+            found = count
+    return (found, count) if found is not None else None
+
+
+def failed_cell(out: Path) -> tuple[int, int] | None:
+    """:func:`code_cell_number` of the cell that raised, read from the output notebook papermill wrote
+    (its error banners shift papermill's own cell index, so the error output is what is looked for)."""
     try:
         with open(out, encoding="utf-8") as f:
             cells = json.load(f)["cells"]
-    except (OSError, ValueError, KeyError):
-        return index
-    added = {"injected-parameters", "papermill-error-cell-tag"}
-    position = 0
-    for cell in cells:
-        if added & set(cell.get("metadata", {}).get("tags", [])):
-            continue
-        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
-            return position
-        position += 1
-    return index
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return code_cell_number(cells)
 
 
 def _close_thread_loop() -> None:

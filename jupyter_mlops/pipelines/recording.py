@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ..config import MlopsConfig
 from ..errors import MlopsError
+from .paths import notebook_file
 from .spec import PipelineSpec, StepSpec
 
 __all__ = ["PipelineRecorder"]
@@ -55,8 +56,10 @@ class PipelineRecorder:
             tags["mlops.schedule.id"] = self.schedule_id
         if self.resumed_from:
             tags["mlops.pipeline.resumed_from"] = self.resumed_from
+        # each pipeline parameter once, with its effective value: the file's, or -p name=value over
+        # it; a -p for one step (-p step.name=value) is on that step's run, with its other values
         params = {k: _text(v) for k, v in self.spec.parameters.items()}
-        params.update({f"-p {k}": str(v) for k, v in self.parameters.items()})
+        params.update({k: _text(v) for k, v in self.parameters.items() if "." not in k})
         experiment = self.config.experiment_for(str(self.spec.file.with_suffix("")))
         try:
             self.parent = create_run(experiment, f"{self.spec.name} {self.run_id}", tags=tags, params=params,
@@ -73,7 +76,12 @@ class PipelineRecorder:
         if self.parent is None:
             return None
         from ..tracking.run import create_run
+        from .notebook import recorded_parameters
 
+        try:  # the step's effective values: the cell's own defaults, the values set over them
+            defaults, injected = recorded_parameters(step.notebook, step.parameters)
+        except MlopsError:
+            defaults, injected = {}, {k: _text(v) for k, v in step.parameters.items()}
         tags = dict(self.context.tags) if self.context else {}
         tags.update({"mlops.pipeline.name": self.spec.name, "mlops.pipeline.run_id": self.run_id,
                      "mlops.step": step.name, "mlops.step.base": step.base, "mlops.cache_key": cache_key or "",
@@ -81,7 +89,7 @@ class PipelineRecorder:
                      "mlops.notebook.path": str(step.notebook)})
         try:
             run = create_run(self.parent.header["experiment"], step.name, tags=tags,
-                             params={k: _text(v) for k, v in step.parameters.items()}, notebook=step.notebook,
+                             params={**defaults, **injected}, notebook=step.notebook,
                              parent_spool_id=self.parent.spool_id, config=self.config)
         except MlopsError as e:
             log.warning("step %s: not tracked (%s)", step.name, e)
@@ -125,11 +133,7 @@ class PipelineRecorder:
             parent.set_tags({f"mlops.steps.{s}": str(result.count(s)) for s in states if result.count(s)})
             for res in result.steps.values():
                 if res.status in ("cached", "kept") and res.cached_from:
-                    parent.set_tag(f"mlops.cached.{_safe(res.name)}", res.cached_from)
+                    parent.set_tag(f"mlops.cached.{notebook_file(res.name)}", res.cached_from)
         except MlopsError:
             pass
         parent.end({"succeeded": "FINISHED", "failed": "FAILED"}.get(result.status, "KILLED"), log_notebook=False)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -41,6 +41,7 @@ from .executor import (
     kernel_choice,
 )
 from .history import RunHistory
+from .paths import notebook_file
 from .prewarm import import_kernel_modules, start_prewarm
 from .recording import PipelineRecorder
 from .runlock import Heartbeat, start_run
@@ -65,7 +66,7 @@ def run_pipeline(
     config: MlopsConfig | None = None,
     listener: Listener | None = None,
     schedule_id: str | None = None,
-    kernel_name: str = "python3",
+    kernel_name: str | None = None,
     retry_backoff: float = 1.0,
     pool: Any = None,
     wait: bool = True,
@@ -77,8 +78,10 @@ def run_pipeline(
     cancel``); raises :class:`PipelineSpecError` for a pipeline that cannot run, and
     ``KeyboardInterrupt`` after a clean cancellation by Ctrl-C.
 
-    ``pool``: a :class:`~jupyter_mlops.kernels.pool.KernelPool` of ``kernel_name`` kernels to take
-    the steps' kernels from (its owner closes it); default: a pool of this run's own.
+    ``config``: default, the settings of the pipeline file's project (wherever this is run from).
+    ``kernel_name``: the kernel spec of steps that name no kernel, environment or profile (default:
+    each notebook's own). ``pool``: a :class:`~jupyter_mlops.kernels.pool.KernelPool` to take the
+    kernels of steps on its spec from (its owner closes it); default: pools of this run's own.
     While another run of this pipeline file goes, ``wait`` for it (telling ``on_wait`` once, default
     the log) or, without ``wait``, raise :class:`~jupyter_mlops.errors.PipelineBusyError`.
     ``cancel_signal``: this process turns SIGTERM into a clean cancel (the CLI does), so ``pipeline
@@ -86,8 +89,8 @@ def run_pipeline(
     ``logical_date``: the time a scheduled run stands for (ISO 8601, the schedule's zone), given as
     the parameter ``logical_date`` to the steps whose notebooks declare it, unless ``-p`` sets it.
     """
-    config = config or load_config()
-    spec = load_pipeline(path, parameters)
+    config = config or load_config(folder=Path(path).resolve().parent)
+    spec = load_pipeline(path, parameters, kernel=kernel_name, max_steps=config.pipeline_max_steps)
     _set_logical_date(spec, logical_date, parameters or {})
     dag = build_dag(spec)
     selected = _select(spec, dag, only)
@@ -95,12 +98,13 @@ def run_pipeline(
     runner = _Runner(spec, dag, config, selected=selected, force=force, workers=workers, listener=listener,
                      schedule_id=schedule_id, kernel_name=kernel_name, retry_backoff=retry_backoff,
                      parameters=dict(parameters or {}), pool=pool, options={
-                         "only": sorted(only), "force": force, **({"logical_date": logical_date} if logical_date else {})})
+                         "only": sorted(only), "force": force, "kernel": kernel_name,
+                         **({"logical_date": logical_date} if logical_date else {})})
     return runner.run(wait=wait, on_wait=on_wait, cancel_signal=cancel_signal)
 
 
 def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener: Listener | None = None,
-                    workers: int | None = None, kernel_name: str = "python3", retry_backoff: float = 1.0,
+                    workers: int | None = None, kernel_name: str | None = None, retry_backoff: float = 1.0,
                     wait: bool = True, on_wait: Callable[[str], None] | None = None,
                     cancel_signal: bool = False) -> PipelineResult:
     """Run again the steps of ``run_id`` that did not succeed, and everything downstream of them.
@@ -108,6 +112,7 @@ def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener:
     The others are ``kept`` when their outputs are still the versions that run recorded; a step
     whose outputs changed since (or were never recorded) runs again too, with what follows it. A
     run whose runner died (still ``running`` in the store) is marked ``crashed`` and resumed.
+    ``kernel_name``: as for :func:`run_pipeline`; default, the one that run was given.
     ``wait``, ``on_wait``, ``cancel_signal``: as for :func:`run_pipeline`.
     """
     config = config or load_config()
@@ -121,8 +126,9 @@ def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener:
                          "resume it once it has stopped")
     steps = {r["step"]: r for r in history.steps(run_id)}
     parameters = json.loads(row["parameters"])
-    spec = load_pipeline(row["file"], parameters)
     options = json.loads(row["options"] or "{}")
+    kernel_name = kernel_name or options.get("kernel")
+    spec = load_pipeline(row["file"], parameters, kernel=kernel_name, max_steps=config.pipeline_max_steps)
     _set_logical_date(spec, options.get("logical_date"), parameters)  # the same date as the run it resumes
     dag = build_dag(spec)
     previous = set(steps) & set(spec.steps)  # the steps that run selected (all, or its --only)
@@ -134,7 +140,7 @@ def resume_pipeline(run_id: str, *, config: MlopsConfig | None = None, listener:
     kept = {name: steps[name] for name in previous - closure}
     runner = _Runner(spec, dag, config, selected=closure, force=False, workers=workers, listener=listener,
                      schedule_id=row["schedule_id"], kernel_name=kernel_name, retry_backoff=retry_backoff,
-                     parameters=parameters, options={**options, "resumed": run_id}, resumed_from=run_id, kept=kept)
+                     parameters=parameters, options={**options, "resumed": run_id, "kernel": kernel_name}, resumed_from=run_id, kept=kept)
     return runner.run(wait=wait, on_wait=on_wait, cancel_signal=cancel_signal)
 
 
@@ -182,13 +188,9 @@ def _new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 class _Runner:
     def __init__(self, spec: PipelineSpec, dag: Dag, config: MlopsConfig, *, selected: set[str], force: bool,
-                 workers: int | None, listener: Listener | None, schedule_id: str | None, kernel_name: str,
+                 workers: int | None, listener: Listener | None, schedule_id: str | None, kernel_name: str | None,
                  retry_backoff: float, parameters: dict[str, Any], options: dict[str, Any],
                  resumed_from: str | None = None, kept: Mapping[str, Mapping[str, Any]] | None = None,
                  pool: Any = None) -> None:
@@ -405,7 +407,8 @@ class _Runner:
                 self._set(name, "failed", ended=time.time(), error=str(e))
 
     def _attempt(self, step: StepSpec, res: StepResult, attempt: int) -> Path:
-        out = self.outputs_dir / (f"{_safe(step.name)}.ipynb" if attempt == 1 else f"{_safe(step.name)}.attempt{attempt}.ipynb")
+        stem = notebook_file(step.name)
+        out = self.outputs_dir / (f"{stem}.ipynb" if attempt == 1 else f"{stem}.attempt{attempt}.ipynb")
         out.parent.mkdir(parents=True, exist_ok=True)
         soon = self._frontier()
         self.executor.expect(len(soon), self._kernels(soon))
@@ -471,7 +474,7 @@ class _Runner:
         return soon
 
     def _kernels(self, names: Iterable[str]) -> dict[KernelChoice, int]:
-        """How many of ``names`` want a kernel of each (environment, profile)."""
+        """How many of ``names`` want a kernel of each (environment, profile, kernel spec)."""
         counts: dict[KernelChoice, int] = {}
         for name in names:
             choice = kernel_choice(self.spec.steps[name])

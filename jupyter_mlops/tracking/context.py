@@ -6,7 +6,6 @@ no package metadata parsing, no mlflow, two ``git`` calls run in parallel.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -17,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from ..parameters_cell import notebook_parameters, parse_assignments
 
 __all__ = [
     "RunContext",
@@ -92,36 +93,21 @@ def papermill_cli_paths(ppid: int | None = None) -> tuple[Path, Path] | None:
 
 
 def _assignments(source: str) -> dict[str, str] | None:
-    """``name = literal`` pairs of a cell made only of assignments, else None."""
+    """``name -> text`` of a cell made only of assignments, else None (see :mod:`..parameters_cell`)."""
     try:
-        tree = ast.parse(source)
-    except SyntaxError:
+        found = parse_assignments(source, only_assignments=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    values: dict[str, str] = {}
-    for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
-            targets, value = [node.target], node.value
-        elif isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
-            targets, value = node.targets, node.value
-        else:
-            return None
-        try:
-            literal = ast.literal_eval(value)
-            text = literal if isinstance(literal, str) else str(literal)  # as MLflow stringifies
-        except (ValueError, TypeError, SyntaxError, RecursionError):
-            text = ast.get_source_segment(source, value) or ""
-        for target in targets:
-            values[target.id] = text  # type: ignore[attr-defined]
-    return values
+    return None if found is None else {name: p.text for name, p in found.items()}
 
 
 def parameter_defaults(notebook: Mapping[str, Any]) -> dict[str, str]:
-    """Defaults of the cell tagged ``parameters`` in a notebook (an nbformat dict)."""
-    for cell in notebook.get("cells", []):
-        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
-            source = cell.get("source", "")
-            return _assignments("".join(source) if isinstance(source, list) else source) or {}
-    return {}
+    """Defaults of the cell tagged ``parameters`` in a notebook (a JSON or nbformat dict), as text:
+    a literal as MLflow stringifies it, an expression as written (its value is the kernel's)."""
+    try:
+        return {name: p.text for name, p in notebook_parameters(notebook).items()}
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return {}
 
 
 def papermill_parameters(history: Sequence[str]) -> tuple[dict[str, str], dict[str, str]] | None:
