@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -52,7 +53,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--path", dest="artifact_path", metavar="DIR", help="folder inside the run's artifacts")
     sub.add_parser("status", help="the active run: id, experiment, where to see it")
     p = sub.add_parser("end", help="end the run (logs the notebook)")
-    p.add_argument("--status", choices=["FINISHED", "FAILED", "KILLED"], type=str.upper)
+    p.add_argument("--status", choices=["FINISHED", "FAILED", "KILLED"], type=str.upper,
+                   help="default FINISHED: a run you end was not failed by an earlier cell")
     p = sub.add_parser("flush", help="wait until everything logged is on the tracking server")
     p.add_argument("--timeout", type=float, default=30.0)
     data = sub.add_parser("data", help="versioned data (DVC): add, use, status, push, pull")
@@ -81,7 +83,19 @@ def _pairs(pairs: list[str], what: str) -> dict[str, str]:
 
 def mlops_magic(line: str) -> Any:
     """Track this notebook in MLflow. Run ``%mlops --help`` for the commands."""
-    parser = _build_parser()
+    try:
+        if line.startswith("log "):
+            pairs = _fast_log_line(line)
+            if pairs is not None:  # the common form, in a training loop: no argparse
+                return _log_pairs(*pairs)
+        return _dispatch(line)
+    except UsageError as e:
+        e._mlops_own = True  # type: ignore[attr-defined]  # not the user's code failing: see _post_run_cell
+        raise
+
+
+def _dispatch(line: str) -> Any:
+    parser = _parser()
     try:
         args = parser.parse_args(shlex.split(line))
     except ValueError as e:  # unbalanced quotes
@@ -95,6 +109,53 @@ def mlops_magic(line: str) -> Any:
         return _COMMANDS[args.command](args)
     except MlopsError as e:
         raise UsageError(str(e)) from None
+
+
+_PARSER: _Parser | None = None
+
+
+def _parser() -> _Parser:
+    """Built once: building it costs milliseconds, a training loop calls the magic thousands of times."""
+    global _PARSER
+    if _PARSER is None:
+        _PARSER = _build_parser()
+    return _PARSER
+
+
+def _fast_log_line(line: str) -> tuple[list[tuple[str, str]], int | None] | None:
+    """``log k=v ... [--step N]`` split by hand: (pairs, step), or None for anything else (quotes,
+    other options, a bad pair or step, no pair), which argparse then parses, so its errors and
+    help stay the same. Same tokens as ``shlex.split`` for what it accepts (ASCII, no quotes)."""
+    if not line.isascii() or "'" in line or '"' in line or "\\" in line:
+        return None
+    tokens = line.split()
+    pairs = []
+    step = None
+    i, n = 1, len(tokens)
+    while i < n:
+        token = tokens[i]
+        if token == "--step" and i + 1 < n:
+            try:
+                step = int(tokens[i + 1])
+            except ValueError:
+                return None
+            i += 2
+            continue
+        key, sep, value = token.partition("=")
+        if not sep or not key or token[0] == "-":
+            return None
+        pairs.append((key, value))
+        i += 1
+    return (pairs, step) if pairs else None
+
+
+def _number(key: str, text: str) -> float:
+    """A metric value written in the magic's text, as MLflow's client reads one (``float()``:
+    '1e3' is 1000.0, 'nan' and 'inf' are NaN and infinity, which MLflow stores)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"metric {key!r}: needs a number, got {text!r}") from None
 
 
 def _track(args: argparse.Namespace) -> None:
@@ -119,9 +180,19 @@ def _track(args: argparse.Namespace) -> None:
 
 
 def _log(args: argparse.Namespace) -> None:
+    _log_pairs(list(_pairs(args.pairs, "log").items()), args.step)
+
+
+def _log_pairs(pairs: list[tuple[str, str]], step: int | None) -> None:
+    """Every value is read before any is logged: a bad one in a line records none of the line."""
     run = _run("log metrics")
-    for key, value in _pairs(args.pairs, "log").items():
-        run.log_metric(key, value, step=args.step)  # type: ignore[arg-type]  # validated there
+    values = [(key, _number(key, text)) for key, text in pairs]
+    timestamp = time.time_ns() // 1_000_000  # one line, one moment (as log_metrics)
+    try:
+        for key, value in values:
+            run.log_metric(key, value, step, timestamp)
+    except MlopsError as e:
+        raise UsageError(str(e)) from None
 
 
 def _params(args: argparse.Namespace) -> None:
@@ -162,7 +233,7 @@ def _status(args: argparse.Namespace) -> None:
 
 def _end(args: argparse.Namespace) -> None:
     run = _run("end the run")
-    status = run.end(args.status)
+    status = run.end(args.status or "FINISHED")  # asked to end: an earlier failed cell was dealt with
     print(f"Run {run.run_id or run.spool_id} ended: {status}.")
 
 
@@ -245,6 +316,8 @@ def _post_run_cell(result: Any) -> None:
     if run is None:
         return
     error = result.error_in_exec or result.error_before_exec
+    if getattr(error, "_mlops_own", False):
+        error = None  # a %mlops usage error (e.g. a changed param) is no failure of the user's code
     run.note_cell(f"{type(error).__name__}: {error}" if error is not None else None)
 
 

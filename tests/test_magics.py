@@ -162,3 +162,81 @@ def test_the_papermill_command_gives_the_run_its_paths_and_parameters(mlops_proj
     assert run.data.metrics == {"y": 6.0}
     logged = [a.path for a in mlops_project.client().list_artifacts(run.info.run_id, "notebook")]
     assert logged == ["notebook/pm-out.ipynb"]
+
+
+def test_a_usage_error_does_not_fail_the_run(mlops_project: Project) -> None:
+    nb = make_notebook(
+        mlops_project.root / "usage.ipynb",
+        [
+            "%load_ext jupyter_mlops\n%mlops track --experiment usage",
+            "%mlops params lr=0.1",
+            "%mlops params lr=0.2",
+            "%mlops end\n%mlops flush",
+        ],
+    )
+    executed = execute_notebook(nb, allow_errors=True)
+    assert "already logged as '0.1'" in cell_text(executed, 2)
+    assert "ended: FINISHED" in cell_text(executed, 3)
+    run = find_run(mlops_project, "usage")
+    assert run.info.status == "FINISHED" and "mlops.error" not in run.data.tags
+
+
+def test_an_explicit_end_finishes_and_only_user_code_fails_at_exit(mlops_project: Project) -> None:
+    from jupyter_mlops.tracking.flusher import sync
+
+    nb = make_notebook(
+        mlops_project.root / "explicit.ipynb",
+        ["%load_ext jupyter_mlops\n%mlops track --experiment explicit", "raise ValueError('handled by hand')",
+         "%mlops end", "%mlops track --experiment at-exit", "%mlops log acc"],
+    )
+    executed = execute_notebook(nb, allow_errors=True)  # the kernel exits after the usage error
+    assert "ended: FINISHED" in cell_text(executed, 2) and "expected KEY=VALUE" in cell_text(executed, 4)
+    sync(mlops_project.spool)
+    assert find_run(mlops_project, "explicit").info.status == "FINISHED"
+    assert find_run(mlops_project, "at-exit").info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("log loss=0.3 --step 3", [("loss", "0.3", "3")]),
+        ("log --step 4 a=1 b=1e3", [("a", "1.0", "4"), ("b", "1000.0", "4")]),
+        ("log a=nan  b=-inf", [("a", "nan", "0"), ("b", "-inf", "0")]),
+        ("log 'a=2' --step=5", [("a", "2.0", "5")]),  # quotes and --step=N: argparse's path
+        ("log a=1 --step -2", [("a", "1.0", "-2")]),
+    ],
+)
+def test_log_lines_parse_the_same_on_the_fast_path_and_argparse(mlops_project: Project, line: str, expected: list) -> None:
+    from jupyter_mlops import tracking
+    from jupyter_mlops.magics import mlops_magic
+    from jupyter_mlops.tracking.spool import read_records
+
+    run = tracking.start_run(experiment="fast", capture_context=False, config=mlops_project.config(flusher_autostart=False))
+    mlops_magic(line)
+    got = [r.fields for r in read_records(run.spool_dir / run.spool_id, 0)]
+    assert [(f[0], f[1], f[3]) for f in got] == expected
+    assert len({f[2] for f in got}) == 1  # one line, one timestamp
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("log a=1 b=high", "metric 'b': needs a number, got 'high'"),
+        ("log a=1 b", "expected KEY=VALUE, got 'b'"),
+        ("log a=1 --step x", "argument --step: invalid int value: 'x'"),
+        ("log a=1 --stp 3", "unrecognized arguments: --stp"),
+        ("log bad\u00a0key=1", "names may hold"),
+        ("log --step 3", "the following arguments are required"),
+    ],
+)
+def test_a_bad_log_line_records_nothing_and_says_why(mlops_project: Project, line: str, fragment: str) -> None:
+    from IPython.core.error import UsageError
+
+    from jupyter_mlops import tracking
+    from jupyter_mlops.magics import mlops_magic
+    from jupyter_mlops.tracking.spool import read_records
+
+    run = tracking.start_run(experiment="fast", capture_context=False, config=mlops_project.config(flusher_autostart=False))
+    with pytest.raises(UsageError, match=fragment):
+        mlops_magic(line)
+    assert read_records(run.spool_dir / run.spool_id, 0) == []
