@@ -215,7 +215,7 @@ def _status(args: argparse.Namespace) -> None:
     state = run.upload_state() or {}
     lines = [
         ("run", run.run_id or f"(being created; local id {run.spool_id})"),
-        ("status", run.ended or "RUNNING"),
+        ("status", run.status),
         ("experiment", f"{run.header['experiment']}" + (f" (id {state['experiment_id']})" if state.get("experiment_id") else "")),
         ("tracking", run.header["tracking_uri"]),
     ]
@@ -227,6 +227,9 @@ def _status(args: argparse.Namespace) -> None:
     lines.append(("upload", f"{pending} bytes waiting" if pending else "up to date"))
     if state.get("waiting"):
         lines.append(("retrying", state["waiting"]))
+    note = run.refusal()
+    if note:
+        lines.append(("refused", note))
     for key, value in lines:
         print(f"{key + ':':<12}{value}")
 
@@ -242,7 +245,11 @@ def _flush(args: argparse.Namespace) -> None:
     if run is None:
         print("No run.")
         return
-    if run.wait(args.timeout):
+    uploaded = run.wait(args.timeout)
+    note = run.refusal()
+    if note:
+        print(f"Run {run.run_id or run.spool_id}: {note}.")
+    elif uploaded:
         print(f"Run {run.run_id} is up to date on {run.header['tracking_uri']}.")
     else:
         print(f"Still {run.pending_bytes()} bytes waiting after {args.timeout:g}s; they stay spooled "

@@ -240,3 +240,22 @@ def test_a_bad_log_line_records_nothing_and_says_why(mlops_project: Project, lin
     with pytest.raises(UsageError, match=fragment):
         mlops_magic(line)
     assert read_records(run.spool_dir / run.spool_id, 0) == []
+
+
+def test_flush_and_status_say_what_the_server_refused(mlops_project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    from jupyter_mlops.magics import mlops_magic
+
+    mlops_magic("track --experiment refusing")
+    mlops_magic("log x=1")
+    mlops_magic("flush --timeout 120")
+    assert "up to date" in capsys.readouterr().out
+    client = mlops_project.client()
+    client.delete_experiment(client.get_experiment_by_name("refusing").experiment_id)
+    mlops_magic("log x=2")
+    mlops_magic("flush --timeout 120")  # the background flusher meets the refusal
+    out = capsys.readouterr().out
+    assert "refused by the tracking server: experiment 'refusing' was deleted" in out, out
+    assert "mlflow experiments restore" in out and "jupyter mlops sync" in out and "up to date" not in out
+    mlops_magic("status")
+    status = capsys.readouterr().out
+    assert "status:     REFUSED" in status and "refused:    refused by the tracking server" in status

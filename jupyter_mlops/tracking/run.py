@@ -27,7 +27,8 @@ from ..errors import (
 )
 from . import flusher as _flusher
 from .context import capture, notebook_path
-from .spool import DONE_DIR, EVENTS, STATE, SpoolWriter, read_json
+from .ledger import refusal_note, run_status
+from .spool import DONE_DIR, EVENTS, REJECTED, STATE, SpoolWriter, read_json
 
 __all__ = [
     "Run",
@@ -286,6 +287,15 @@ class Run:
     def upload_state(self) -> dict[str, Any] | None:
         return read_json(self._writer.run_dir / STATE) or read_json(self.spool_dir / DONE_DIR / f"{self.spool_id}.json")
 
+    @property
+    def status(self) -> str:
+        """The run's state as ``jupyter mlops runs`` words it: RUNNING, FINISHED, REFUSED, ..."""
+        return run_status(self.upload_state() or {}, ended=self.ended, writer_alive=not self.ended)
+
+    def refusal(self) -> str | None:
+        """What the tracking server refused of this run, why and what to do; None if nothing."""
+        return refusal_note(self.upload_state() or {}, self._writer.run_dir / REJECTED)
+
     def pending_bytes(self) -> int:
         """Bytes of records not uploaded yet (0 when the run is fully uploaded)."""
         done = read_json(self.spool_dir / DONE_DIR / f"{self.spool_id}.json")
@@ -299,7 +309,9 @@ class Run:
         return max(0, size - int(state.get("offset", 0)))
 
     def wait(self, timeout: float = 30.0, *, uploaded: bool = True) -> bool:
-        """Wait until the run exists on the server (and, if ``uploaded``, all records are there)."""
+        """Wait until the run exists on the server (and, if ``uploaded``, all records are there).
+
+        False after ``timeout`` or as soon as the server refused the run (see :meth:`refusal`)."""
         _flusher.ensure_running(self.spool_dir, self.config, nudge=True)
         start = time.monotonic()
         while True:
@@ -307,6 +319,8 @@ class Run:
             waited = time.monotonic() - start
             if done or waited >= timeout:
                 return done
+            if (read_json(self._writer.run_dir / STATE) or {}).get("failed"):
+                return False  # refused: kept for `jupyter mlops sync`, nothing to wait for
             # The flusher's progress is a file; a poll costs ~30 us. Poll finely for the first
             # seconds (an upload usually ends there, and a coarse step would add up to its length
             # to every wait), coarsely when the server is away.
