@@ -319,6 +319,8 @@ _COMMANDS = {
 
 
 def _post_run_cell(result: Any) -> None:
+    if _transcript is not None:
+        _transcript.cell_ran(result.execution_count)
     run = tracking.active_run()
     if run is None:
         return
@@ -328,15 +330,34 @@ def _post_run_cell(result: Any) -> None:
     run.note_cell(f"{type(error).__name__}: {error}" if error is not None else None)
 
 
+_transcript: Any = None  # jupyter_mlops._transcript.Transcript of this kernel
+
+
 def register(shell: Any) -> None:
-    global _shell
+    global _shell, _transcript
     _shell = shell
+    if _transcript is None or _transcript.shell is not shell:
+        from ._transcript import Transcript
+        from .tracking.run import set_executed_notebook
+
+        if _transcript is not None:
+            _transcript.uninstall()
+        _transcript = Transcript(shell)
+        _transcript.install()
+        set_executed_notebook(_transcript.notebook)
     shell.register_magic_function(mlops_magic, "line", "mlops")
     if _post_run_cell not in shell.events.callbacks["post_run_cell"]:
         shell.events.register("post_run_cell", _post_run_cell)
 
 
 def unregister(shell: Any) -> None:
+    global _transcript
+    if _transcript is not None and _transcript.shell is shell:
+        from .tracking.run import set_executed_notebook
+
+        _transcript.uninstall()
+        set_executed_notebook(None)
+        _transcript = None
     shell.magics_manager.magics["line"].pop("mlops", None)
     if _post_run_cell in shell.events.callbacks["post_run_cell"]:
         shell.events.unregister("post_run_cell", _post_run_cell)

@@ -41,7 +41,7 @@ def test_a_tracked_notebook_records_everything(mlops_project: Project, monkeypat
     assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)] == [0, 1, 2, 3, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results", "notebook", "environment"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "notebook")] == ["notebook/train.ipynb"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "notebook")] == ["notebook/executed.ipynb", "notebook/train.ipynb"]
 
 
 def test_usage_errors_are_one_line_without_traceback(mlops_project: Project) -> None:
@@ -259,3 +259,47 @@ def test_flush_and_status_say_what_the_server_refused(mlops_project: Project, ca
     mlops_magic("status")
     status = capsys.readouterr().out
     assert "status:     REFUSED" in status and "refused:    refused by the tracking server" in status
+
+
+def test_the_notebook_logged_is_what_the_kernel_ran_with_its_outputs(mlops_project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import nbformat
+
+    saved = make_notebook(mlops_project.root / "saved.ipynb", ["print('only this cell was saved')"],
+                          parameters="lr = 0.1\nepochs = 3")
+    monkeypatch.setenv("MLOPS_NOTEBOOK_PATH", str(saved))  # the file the user has open, last saved long ago
+    ran = make_notebook(
+        mlops_project.root / "ran.ipynb",
+        [
+            "%load_ext jupyter_mlops",
+            "x = 41",
+            "%mlops track --experiment executed",
+            "print('hello')\nx + 1",
+            "from IPython.display import HTML, display\ndisplay(HTML('<b>shown</b>'))",
+            "import sys\nprint('to stderr', file=sys.stderr)\nfor i in range(3):\n    %mlops log i={i} --step {i}",
+            "%mlops end",
+        ],
+    )
+    execute_notebook(ran)
+    from jupyter_mlops.tracking.flusher import sync
+
+    sync(mlops_project.spool)
+    run = find_run(mlops_project, "executed")
+    assert run.data.params == {"lr": "0.1", "epochs": "3"}  # the saved notebook's parameters cell
+    client = mlops_project.client()
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "notebook")) == [
+        "notebook/executed.ipynb", "notebook/saved.ipynb"]
+    local = client.download_artifacts(run.info.run_id, "notebook/executed.ipynb", str(mlops_project.root))
+    executed = nbformat.reads(Path(local).read_text(), as_version=4)
+    nbformat.validate(executed)
+    assert [c.source for c in executed.cells] == [c.source for c in nbformat.read(ran, as_version=4).cells]
+    assert [c.execution_count for c in executed.cells] == [1, 2, 3, 4, 5, 6, 7]
+    by_source = {c.source.splitlines()[0]: c.outputs for c in executed.cells}
+    assert "Tracking" in by_source["%mlops track --experiment executed"][0]["text"]
+    hello = by_source["print('hello')"]
+    assert hello[0]["text"] == "hello\n" and hello[1]["output_type"] == "execute_result"
+    assert hello[1]["data"]["text/plain"] == "42" and hello[1]["execution_count"] == 4
+    assert by_source["from IPython.display import HTML, display"][0]["data"]["text/html"] == "<b>shown</b>"
+    assert by_source["import sys"] == [{"output_type": "stream", "name": "stderr", "text": "to stderr\n"}]
+    assert json.loads(json.dumps(executed.metadata))["mlops"]["dropped_outputs"] == 0

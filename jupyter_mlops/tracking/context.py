@@ -323,7 +323,24 @@ def capture(notebook: Path | None, history: Sequence[str] = (), cwd: Path | None
         tags["mlops.papermill.injected"] = json.dumps(injected, sort_keys=True)
         ctx.params.update(defaults)
         ctx.params.update(injected)
+    elif notebook is not None:
+        # Run by hand: the values of the saved notebook's cell tagged "parameters", as a
+        # papermill run of it with no -p would record them.
+        defaults = _saved_parameters(notebook)
+        if defaults:
+            tags["mlops.parameters.source"] = "the saved notebook's parameters cell"
+            ctx.params.update(defaults)
     return ctx
+
+
+def _saved_parameters(notebook: Path) -> dict[str, str]:
+    """The parameters cell's values of a saved notebook (read as JSON: no nbformat in the kernel)."""
+    try:
+        with open(notebook, encoding="utf-8") as f:
+            nb = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return parameter_defaults(nb) if isinstance(nb, dict) else {}
 
 
 def _conda_lock() -> Path | None:

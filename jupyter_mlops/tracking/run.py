@@ -258,12 +258,7 @@ class Run:
         if status not in RUN_STATUSES:
             raise InvalidValueError("status", status, f"must be one of {', '.join(RUN_STATUSES)}")
         if log_notebook and not self.attached:
-            notebook = _notebook_with_outputs(self.header.get("notebook"))
-            if notebook is not None:
-                try:
-                    self.log_artifact(notebook, "notebook")
-                except TrackingError:
-                    pass  # the notebook vanished since start: the run still ends
+            self._log_notebooks()
         for before in self._before_end:
             try:
                 before(self)
@@ -278,6 +273,32 @@ class Run:
         for hook in self._end_hooks:
             hook(status)
         return status
+
+    def _log_notebooks(self) -> None:
+        """A runner's (or papermill's) output notebook holds what ran: log it. Interactively, the
+        saved file as ``notebook/<name>`` and what the kernel executed as ``notebook/executed.ipynb``."""
+        saved = self.header.get("notebook")
+        output = _runner_output_notebook()
+        for path in ([output] if output else [saved] if saved else []):
+            if Path(path).is_file():
+                try:
+                    self.log_artifact(path, "notebook")
+                except TrackingError:
+                    pass  # the notebook vanished meanwhile: the run still ends
+        if output or _executed_notebook is None:
+            return
+        metadata = {}
+        if saved:
+            metadata = {k: v for k, v in ((read_json(Path(saved)) or {}).get("metadata") or {}).items()
+                        if k in ("kernelspec", "language_info")}
+        try:
+            executed = _executed_notebook(metadata)
+        except Exception as e:  # the transcript must not keep the run from ending
+            self.set_tag("mlops.executed_notebook_error", f"{type(e).__name__}: {e}"[:MAX_TAG_VAL_LENGTH])
+            return
+        if executed and executed.get("cells"):
+            name = "executed.ipynb" if not saved or Path(saved).name != "executed.ipynb" else "executed.kernel.ipynb"
+            self.log_text(json.dumps(executed, indent=1, ensure_ascii=False) + "\n", "notebook", name)
 
     @property
     def attached(self) -> bool:
@@ -341,17 +362,27 @@ class Run:
             raise NoActiveRunError(action)
 
 
-def _notebook_with_outputs(notebook: str | None) -> Path | None:
-    """The copy of the notebook that holds this run's outputs: a runner's output path, then
-    the output of a ``papermill`` command that started this kernel, then the notebook itself."""
+def _runner_output_notebook() -> str | None:
+    """The output notebook of a runner (``MLOPS_OUTPUT_NOTEBOOK_PATH``) or of a ``papermill``
+    command that started this kernel: it holds what ran, outputs included."""
     from .context import papermill_cli_paths
 
     output = os.environ.get("MLOPS_OUTPUT_NOTEBOOK_PATH")
-    cli = papermill_cli_paths() if not output else None
-    for candidate in (output, cli[1] if cli else None, notebook):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+    if output:
+        return output
+    cli = papermill_cli_paths()
+    return str(cli[1]) if cli else None
+
+
+#: What the kernel executed, as an nbformat-v4 dict (given metadata to keep), or None. Set by the
+#: IPython extension (see jupyter_mlops._transcript); None outside IPython.
+_executed_notebook: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+
+
+def set_executed_notebook(source: Callable[[dict[str, Any]], dict[str, Any] | None] | None) -> None:
+    """Where :meth:`Run.end` gets the executed notebook it logs as ``notebook/executed.ipynb``."""
+    global _executed_notebook
+    _executed_notebook = source
 
 
 def _new_spool_id() -> str:
