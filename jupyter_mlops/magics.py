@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import string
+import sys
 import time
+from types import CodeType, FrameType
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -83,6 +86,8 @@ def _pairs(pairs: list[str], what: str) -> dict[str, str]:
 
 def mlops_magic(line: str) -> Any:
     """Track this notebook in MLflow. Run ``%mlops --help`` for the commands."""
+    if "{" in line or "$" in line:
+        line = _expand(line)
     try:
         if line.startswith("log "):
             pairs = _fast_log_line(line)
@@ -92,6 +97,68 @@ def mlops_magic(line: str) -> Any:
     except UsageError as e:
         e._mlops_own = True  # type: ignore[attr-defined]  # not the user's code failing: see _post_run_cell
         raise
+
+
+mlops_magic._ipython_magic_no_var_expand = True  # type: ignore[attr-defined]  # see _expand
+
+_FORMATTER = string.Formatter()
+_COMPILED: dict[str, CodeType] = {}
+
+
+def _expand(line: str) -> str:
+    """``{expression}`` in the line, as IPython's own expansion does it (the user's namespace,
+    then the calling frame's locals; left as is when an expression fails) but without its cost:
+    IPython copies the user's namespace, which grows with every cell, and compiles each
+    expression on every call (most of a ``%mlops log x={x}`` line's time in a loop). ``$name``
+    lines go to IPython's expansion itself."""
+    frame = _user_frame()
+    if frame is None or _shell is None:
+        return line
+    if "$" in line:
+        namespace = dict(_shell.user_ns)
+        namespace.update(frame.f_locals)
+        try:
+            return _dollar_formatter().vformat(line, args=[], kwargs=namespace)
+        except Exception:
+            return line
+    try:
+        out = []
+        for literal, field, spec, conversion in _FORMATTER.parse(line):
+            out.append(literal)
+            if field is None:
+                continue
+            if spec:  # IPython reads {a[1:2]} as a slice, not a format spec
+                field = f"{field}:{spec}"
+            code = _COMPILED.get(field)
+            if code is None:
+                code = _COMPILED[field] = compile(field, "<%mlops>", "eval")
+            value = eval(code, _shell.user_ns, frame.f_locals)
+            out.append(str(_FORMATTER.convert_field(value, conversion) if conversion else value))
+        return "".join(out)
+    except Exception:  # as IPython: an expression that fails leaves the line untransformed
+        return line
+
+
+def _user_frame() -> FrameType | None:
+    """The frame whose code ran ``%mlops`` (the one IPython would expand in), or None when the
+    magic was called directly, not through the shell's ``run_line_magic``."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "run_line_magic":
+            caller = frame.f_back  # the user's code; through the old magic() one frame further
+            if caller is not None and caller.f_code.co_name == "magic":  # (not f_locals: it costs)
+                caller = caller.f_back
+            return caller
+        frame = frame.f_back
+    return None
+
+
+def _dollar_formatter() -> Any:
+    from IPython.core.interactiveshell import _dollar_formatter as formatter  # type: ignore[attr-defined]
+
+    return formatter
 
 
 def _dispatch(line: str) -> Any:

@@ -303,3 +303,23 @@ def test_the_notebook_logged_is_what_the_kernel_ran_with_its_outputs(mlops_proje
     assert by_source["from IPython.display import HTML, display"][0]["data"]["text/html"] == "<b>shown</b>"
     assert by_source["import sys"] == [{"output_type": "stream", "name": "stderr", "text": "to stderr\n"}]
     assert json.loads(json.dumps(executed.metadata))["mlops"]["dropped_outputs"] == 0
+
+
+def test_the_magic_expands_variables_as_ipython_does(mlops_project: Project) -> None:
+    nb = make_notebook(
+        mlops_project.root / "expand.ipynb",
+        [
+            "%load_ext jupyter_mlops\n%mlops track --experiment expand",
+            "def f(k):\n    %mlops log inner={k * 2} --step {k}\nf(3)",
+            "name = 'dollar'\n%mlops tag via=$name\n%mlops tag braces={{x}} d={dict(a=1)['a']} n={len(name)!s}",
+            "%mlops tag failed={undefined_name}",
+            "%mlops end\n%mlops flush",
+        ],
+    )
+    execute_notebook(nb)
+    run = find_run(mlops_project, "expand")
+    assert run.data.metrics == {"inner": 6.0}
+    assert mlops_project.client().get_metric_history(run.info.run_id, "inner")[0].step == 3
+    tags = run.data.tags
+    assert (tags["via"], tags["braces"], tags["d"], tags["n"]) == ("dollar", "{x}", "1", "6")
+    assert tags["failed"] == "{undefined_name}"  # as IPython leaves a line whose expression fails
