@@ -131,6 +131,8 @@ def _expand(line: str) -> str:
                 field = f"{field}:{spec}"
             code = _COMPILED.get(field)
             if code is None:
+                if len(_COMPILED) > 1000:  # a loop repeats a few expressions; bound the rest
+                    _COMPILED.clear()
                 code = _COMPILED[field] = compile(field, "<%mlops>", "eval")
             value = eval(code, _shell.user_ns, frame.f_locals)
             out.append(str(_FORMATTER.convert_field(value, conversion) if conversion else value))
