@@ -11,7 +11,10 @@ Measures, each against what a user would do without us (the anchor), interleaved
    vs ``MlflowClient.log_metric`` per point and vs ``MlflowClient.log_batch`` in chunks of 1000,
    on one SQLite store and then through a real ``mlflow server`` on loopback;
 3. ``%load_ext jupyter_mlops`` + ``%mlops track`` in a fresh kernel (wall time, kernel peak RSS
-   growth) vs ``import mlflow; mlflow.set_tracking_uri(...); mlflow.start_run()``.
+   growth) vs ``import mlflow; mlflow.set_tracking_uri(...); mlflow.start_run()``;
+4. ``%mlops log loss=0.3 --step {i}`` in a loop, in a real IPython shell (IPython's own magic
+   dispatch and ``{i}`` expansion included), vs ``run.log_metric`` in the same loop in the same
+   shell, and vs the magic as it was (its argument parser rebuilt for every call).
 
 Everything lives in one temporary folder, removed at the end; the server and every flusher the
 benchmark caused are stopped. The last line of stdout is one JSON object (see bench/README.md).
@@ -53,6 +56,7 @@ GOALS = {
     "vs_log_batch": ">=1",
     "track_startup_s": "<=0.15",
     "track_rss_mib": "<=25",
+    "magic_us_per_log": "<=50",
 }
 
 EXPERIMENT = "bench"
@@ -322,6 +326,59 @@ def anchor_async_caller(store: Store, n: int) -> float:
 
 
 
+# -- the magic in a loop ------------------------------------------------------------------------------
+
+MAGIC_LINE = "log loss=0.3 --step {i}"
+
+
+def old_style_magic(line: str) -> None:
+    """``%mlops log`` as it was: the argparse parser built for each call, values passed as text."""
+    import shlex
+
+    from jupyter_mlops import magics, tracking
+
+    args = magics._build_parser().parse_args(shlex.split(line))
+    run = tracking.active_run()
+    for key, value in magics._pairs(args.pairs, "log").items():
+        run.log_metric(key, value, step=args.step)
+
+
+class MagicLoop:
+    """One IPython shell with the extension loaded and a run of ours started in it; each measure
+    runs a cell that loops N times, so IPython's per-cell cost is spread over N calls."""
+
+    def __init__(self, store: Store) -> None:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        from jupyter_mlops import tracking
+
+        self.shell = InteractiveShell.instance()
+        self.shell.run_line_magic("load_ext", "jupyter_mlops")
+        self.run = tracking.start_run(experiment=EXPERIMENT, name="magic", capture_context=False, config=store.config)
+        self.shell.user_ns.update(run=self.run, old_style_magic=old_style_magic)
+
+    def cell(self, body: str, n: int) -> float:
+        code = f"for i in range({n}):\n    {body}\n"
+        t0 = time.perf_counter()
+        result = self.shell.run_cell(code, store_history=False, silent=True)
+        dt = time.perf_counter() - t0
+        result.raise_error()
+        return dt / n * 1e6
+
+    def magic(self, n: int) -> float:
+        return self.cell(f"%mlops {MAGIC_LINE}", n)
+
+    def api(self, n: int) -> float:
+        return self.cell("run.log_metric('loss', 0.3, step=i)", n)
+
+    def old(self, n: int) -> float:
+        return self.cell(f"old_style_magic(f{MAGIC_LINE!r})", n)
+
+    def close(self, store: Store) -> None:
+        ours_finish(self.run, store)
+        self.shell.run_line_magic("unload_ext", "jupyter_mlops")
+
+
 # -- kernels ------------------------------------------------------------------------------------------
 
 OURS_CELL = "%load_ext jupyter_mlops\n%mlops track"
@@ -422,9 +479,11 @@ def stop_flusher(spool_dir: Path, *, wait_for_start: float = 0.0, sig: int = sig
 
 
 QUICK = dict(caller_n=20_000, async_n=0, caller_rounds=3, e2e_n=2_000, sync_n=50,
-             e2e_rounds=3, server_rounds=3, kernel_rounds=2, kernel_warmup=False)
+             e2e_rounds=3, server_rounds=3, kernel_rounds=2, kernel_warmup=False,
+             magic_n=5_000, old_magic_n=100, magic_rounds=3)
 DEFAULT = dict(caller_n=100_000, async_n=500, caller_rounds=5, e2e_n=5_000, sync_n=200,
-               e2e_rounds=5, server_rounds=5, kernel_rounds=5, kernel_warmup=True)
+               e2e_rounds=5, server_rounds=5, kernel_rounds=5, kernel_warmup=True,
+               magic_n=20_000, old_magic_n=400, magic_rounds=5)
 
 
 def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
@@ -458,6 +517,19 @@ def run_all(p: dict[str, Any], tmp: Path) -> dict[str, float]:
         m["caller_us_per_metric"] = median(caller["ours"])
         if p["async_n"]:
             m["caller_mlflow_async_us_per_metric"] = median(caller["mlflow_async"])
+
+        # 1b. %mlops log in a loop, in an IPython shell -----------------------------------------------
+        loop = MagicLoop(local)
+        log(f"%mlops log: {p['magic_n']:,} calls (magic, API), {p['old_magic_n']} (old magic) x {p['magic_rounds']}")
+        res = interleave(log, p["magic_rounds"], [
+            ("magic", lambda: loop.magic(p["magic_n"])),
+            ("api", lambda: loop.api(p["magic_n"])),
+            ("old_magic", lambda: loop.old(p["old_magic_n"])),
+        ], warmup=[lambda: loop.magic(500), lambda: loop.api(500), lambda: loop.old(20)])
+        loop.close(local)
+        m["magic_us_per_log"] = median(res["magic"])
+        m["magic_api_us_per_log"] = median(res["api"])
+        m["magic_old_us_per_log"] = median(res["old_magic"])
 
         # 2. end to end, SQLite store, then server -----------------------------------------------
         for label, rounds, key in (("sqlite", p["e2e_rounds"], ""), ("server", p["server_rounds"], "server_")):
@@ -532,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "vs_mlflow_rss": ratio(m, "mlflow_rss_mib", "track_rss_mib", floor=0.1),
         "caller_vs_mlflow_sync": ratio(m, "mlflow_sync_us_per_metric", "caller_us_per_metric"),
         "caller_vs_mlflow_async": ratio(m, "caller_mlflow_async_us_per_metric", "caller_us_per_metric"),
+        "magic_vs_old_magic": ratio(m, "magic_old_us_per_log", "magic_us_per_log"),
     }
     ratios = {k: v for k, v in ratios.items() if v is not None}
 
@@ -541,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
          "caller_us_per_metric", "us", "caller_vs_mlflow_sync", "caller_us_per_metric"),
         ("caller: per log_metric call", "same, synchronous=False", "caller_mlflow_async_us_per_metric",
          "caller_us_per_metric", "us", "caller_vs_mlflow_async", None),
+        ("%mlops log: per line", "the magic as it was", "magic_old_us_per_log",
+         "magic_us_per_log", "us", "magic_vs_old_magic", "magic_us_per_log"),
+        ("%mlops log: per line", "run.log_metric (API)", "magic_api_us_per_log",
+         "magic_us_per_log", "us", None, None),
         ("SQLite e2e: per metric", "MlflowClient.log_metric", "mlflow_sync_us_per_metric",
          "end_to_end_us_per_metric", "us", "vs_mlflow_sync", "vs_mlflow_sync"),
         ("SQLite e2e: per metric", "MlflowClient.log_batch", "log_batch_us_per_metric",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ._cli_args import add_parameter_option, parameters
 from ._version import __version__
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="upload what is still spooled (e.g. left by a kernel that died)")
     p.add_argument("--spool-dir", type=Path, help="spool folder (default from config: .mlops/spool)")
+    p.add_argument("--give-up", action="append", default=[], metavar="LOCAL_ID",
+                   help="a refused run (e.g. its experiment is deleted for good): set aside what the server "
+                        "refuses, kept in its rejected.log, and finish it; repeatable")
     p.set_defaults(func=_cmd_sync)
 
     p = sub.add_parser("runs", help="runs in the local spool: waiting for upload, or uploaded")
@@ -101,7 +105,7 @@ def _print_run(run: object) -> None:
     assert isinstance(run, SpooledRun)
     header = run.header
     if not run.done:
-        reason = run.state.get("waiting") or "the tracking server did not take it yet"
+        reason = run.refusal or run.state.get("waiting") or "the tracking server did not take it yet"
         print(f"Run {run.spool_id} is kept in the local spool ({run.pending_bytes} bytes, nothing lost): {reason}.")
         print("  Upload it once the server answers: jupyter mlops sync")
         return
@@ -111,8 +115,8 @@ def _print_run(run: object) -> None:
         print(f"  see it: {run.state['url']}")
     elif not str(header.get("tracking_uri", "")).startswith(("http://", "https://")):
         print("  see it: jupyter mlops ui   (then open http://127.0.0.1:5000)")
-    if run.state.get("rejected_log"):
-        print(f"  some records were refused by the server: {run.state['rejected_log']}")
+    if run.refusal:
+        print(f"  {run.refusal}")
 
 
 def _spool_dir(args: argparse.Namespace) -> Path:
@@ -127,21 +131,73 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
     spool_dir = _spool_dir(args)
     waiting = [r for r in spooled_runs(spool_dir) if not r.done]
+    unknown = sorted(set(args.give_up) - {r.spool_id for r in waiting})
+    if unknown:
+        print(f"error: no run {', '.join(unknown)} waiting in {spool_dir}; `jupyter mlops runs` lists them", file=sys.stderr)
+        return 1
     if not waiting:
         print(f"Nothing to upload in {spool_dir}.")
         return 0
     print(f"Uploading {len(waiting)} spooled run(s) from {spool_dir}...")
-    result = sync(spool_dir)
+    display = _UploadProgress(sys.stdout)
+    try:
+        result = sync(spool_dir, give_up=args.give_up, on_progress=display.update)
+    finally:
+        display.close()
+    after = {r.spool_id: r for r in spooled_runs(spool_dir)}
     for spool_id in result.finished:
-        print(f"  {spool_id}: uploaded")
+        run = after.get(spool_id)
+        print(f"  {spool_id}: uploaded" + (f" ({run.status})" if run else ""))
+        if run and run.refusal:
+            print(f"    {run.refusal}")
     for line in result.waiting:
         print(f"  {line} (kept; try again when the server answers)")
     for line in result.failed:
-        print(f"  {line}")
-    still_open = [r for r in spooled_runs(spool_dir) if not r.done and r.writer_alive]
+        print(f"  REFUSED {line}")
+    still_open = [r for r in after.values() if not r.done and r.writer_alive]
     if still_open:
         print(f"  {len(still_open)} run(s) are still being written by a live kernel; uploaded so far.")
     return 1 if result.waiting or result.failed else 0
+
+
+class _UploadProgress:
+    """``sync``'s progress, fed by the uploader after each request: per run, the bytes of its
+    records uploaded of the total. Redrawn in place on a terminal (at most 10 times a second),
+    a line every ``interval`` seconds otherwise (a log file or CI gets no flood)."""
+
+    def __init__(self, out: Any, interval: float = 5.0) -> None:
+        self.out = out
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.interval = 0.1 if self.tty else interval
+        self.last = time.monotonic()
+        self.width = 0
+
+    def update(self, spool_id: str, records: int, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval and done < total:
+            return
+        self.last = now
+        percent = 100 * done // total if total else 100
+        text = f"  {spool_id}: {_bytes(done)} of {_bytes(total)} ({percent}%), {records:,} records"
+        if self.tty:
+            self.out.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
@@ -151,9 +207,16 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print("No runs waiting for upload." if not args.all else "No runs in the spool.")
         return 0
-    print(f"{'LOCAL ID':<30} {'MLFLOW RUN':<34} {'STATUS':<11} {'WAITING':>9}  EXPERIMENT")
+    header = ("LOCAL ID", "MLFLOW RUN", "STATUS", "WAITING", "EXPERIMENT")
+    rows = [(r.spool_id, r.run_id or "-", r.status, f"{r.pending_bytes}B", str(r.header.get("experiment"))) for r in runs]
+    # widths from the data: a long status ("FINISHED, 2 refused") or id must not push a row out of line
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [row[i].rjust(w) if header[i] == "WAITING" else row[i].ljust(w) for i, w in enumerate(widths)]
+        print("  ".join([*cells, row[-1]]))
     for r in runs:
-        print(f"{r.spool_id:<30} {r.run_id or '-':<34} {r.status:<11} {r.pending_bytes:>8}B  {r.header.get('experiment')}")
+        if r.refusal:
+            print(f"{r.spool_id}: {r.refusal}")
     return 0
 
 

@@ -63,3 +63,50 @@ def test_bad_usage_exits_2(mlops_project: Project) -> None:
     done = cli("run", "nb.ipynb", "-p", "novalue", cwd=mlops_project.root)
     assert done.returncode == 2 and "expected KEY=VALUE" in done.stderr
     assert cli(cwd=mlops_project.root).returncode == 2
+
+
+def test_runs_columns_line_up_and_sync_says_what_was_refused(mlops_project: Project) -> None:
+    from jupyter_mlops import tracking
+
+    config = mlops_project.config(flusher_autostart=False)
+    run = tracking.start_run(experiment="cols", capture_context=False, config=config)
+    run.log_param("lr", 0.1)
+    import os
+
+    os.write(run._fd, b'p\tlr\t"0.2"\n')  # a changed param: only a foreign writer gets it past the call
+    run.end(log_notebook=False)
+    other = tracking.start_run(experiment="a-much-longer-experiment-name", capture_context=False, config=config)
+    other.end(log_notebook=False)
+    done = cli("sync", cwd=mlops_project.root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{run.spool_id}: uploaded (FINISHED, 1 refused)" in done.stdout
+    assert "1 record(s) refused: " in done.stdout and "Changing param values is not allowed" in done.stdout
+    assert f"done/{run.spool_id}.rejected.log" in done.stdout
+    listing = cli("runs", "--all", cwd=mlops_project.root).stdout.splitlines()
+    header, rows = listing[0], listing[1:3]
+    for column in ("MLFLOW RUN", "STATUS", "WAITING", "EXPERIMENT"):
+        start = header.index(column)
+        for row in rows:
+            assert row[start - 2:start] == "  " and row[start] != " " or column == "WAITING", (column, row)
+    assert "FINISHED, 1 refused" in rows[0] and f"{run.spool_id}: 1 record(s) refused" in listing[3]
+
+
+def test_sync_shows_its_progress_per_run(mlops_project: Project) -> None:
+    import io
+
+    from jupyter_mlops import tracking
+    from jupyter_mlops.cli import _UploadProgress
+    from jupyter_mlops.tracking.flusher import sync
+
+    run = tracking.start_run(experiment="progress", capture_context=False, config=mlops_project.config(flusher_autostart=False))
+    for step in range(2500):
+        run.log_metric("loss", step, step=step)
+    run.end(log_notebook=False)
+    out = io.StringIO()
+    display = _UploadProgress(out, interval=0)
+    sync(mlops_project.spool, on_progress=display.update)
+    display.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3  # one per request: 3 batches of metrics, then the end record
+    assert all(line.startswith(f"  {run.spool_id}: ") for line in lines)
+    assert "(100%), 2,501 records" in lines[-1] and "1,000 records" in lines[0]

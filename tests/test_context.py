@@ -122,3 +122,39 @@ def test_a_plain_papermill_command_is_recognised_from_the_parent(tmp_path: Path)
                           cwd=tmp_path, capture_output=True, text=True, check=True)
     assert f"PosixPath('{tmp_path.resolve()}/in.ipynb')" in done.stdout
     assert f"PosixPath('{tmp_path.resolve()}/out/o.ipynb')" in done.stdout
+
+
+class _Nvml:
+    """NVML as nvidia-ml-py shows it: no driver (nvmlInit fails, as on a machine without one),
+    or a driver that answers with ``count`` GPUs."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, count: int | None) -> None:
+        self.count = count
+
+    def nvmlInit(self) -> None:
+        if self.count is None:
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    def nvmlDeviceGetCount(self) -> int:
+        return self.count or 0
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+
+def test_gpus_are_unknown_not_zero_when_nvml_cannot_tell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
+    tags = capture(None, cwd=tmp_path).tags
+    assert tags["mlops.gpu_count"] == "unknown" and "nvidia-ml-py is not installed" in tags["mlops.gpu_inventory"]
+    monkeypatch.setitem(sys.modules, "pynvml", _Nvml(None))
+    tags = capture(None, cwd=tmp_path).tags
+    assert tags["mlops.gpu_count"] == "unknown"
+    assert tags["mlops.gpu_inventory"] == "NVML did not start: NVMLError: NVML Shared Library Not Found"
+    monkeypatch.setitem(sys.modules, "pynvml", _Nvml(0))
+    tags = capture(None, cwd=tmp_path).tags
+    assert tags["mlops.gpu_count"] == "0" and "mlops.gpu_inventory" not in tags

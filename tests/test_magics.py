@@ -41,7 +41,7 @@ def test_a_tracked_notebook_records_everything(mlops_project: Project, monkeypat
     assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)] == [0, 1, 2, 3, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results", "notebook", "environment"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "notebook")] == ["notebook/train.ipynb"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "notebook")] == ["notebook/executed.ipynb", "notebook/train.ipynb"]
 
 
 def test_usage_errors_are_one_line_without_traceback(mlops_project: Project) -> None:
@@ -162,3 +162,164 @@ def test_the_papermill_command_gives_the_run_its_paths_and_parameters(mlops_proj
     assert run.data.metrics == {"y": 6.0}
     logged = [a.path for a in mlops_project.client().list_artifacts(run.info.run_id, "notebook")]
     assert logged == ["notebook/pm-out.ipynb"]
+
+
+def test_a_usage_error_does_not_fail_the_run(mlops_project: Project) -> None:
+    nb = make_notebook(
+        mlops_project.root / "usage.ipynb",
+        [
+            "%load_ext jupyter_mlops\n%mlops track --experiment usage",
+            "%mlops params lr=0.1",
+            "%mlops params lr=0.2",
+            "%mlops end\n%mlops flush",
+        ],
+    )
+    executed = execute_notebook(nb, allow_errors=True)
+    assert "already logged as '0.1'" in cell_text(executed, 2)
+    assert "ended: FINISHED" in cell_text(executed, 3)
+    run = find_run(mlops_project, "usage")
+    assert run.info.status == "FINISHED" and "mlops.error" not in run.data.tags
+
+
+def test_an_explicit_end_finishes_and_only_user_code_fails_at_exit(mlops_project: Project) -> None:
+    from jupyter_mlops.tracking.flusher import sync
+
+    nb = make_notebook(
+        mlops_project.root / "explicit.ipynb",
+        ["%load_ext jupyter_mlops\n%mlops track --experiment explicit", "raise ValueError('handled by hand')",
+         "%mlops end", "%mlops track --experiment at-exit", "%mlops log acc"],
+    )
+    executed = execute_notebook(nb, allow_errors=True)  # the kernel exits after the usage error
+    assert "ended: FINISHED" in cell_text(executed, 2) and "expected KEY=VALUE" in cell_text(executed, 4)
+    sync(mlops_project.spool)
+    assert find_run(mlops_project, "explicit").info.status == "FINISHED"
+    assert find_run(mlops_project, "at-exit").info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("log loss=0.3 --step 3", [("loss", "0.3", "3")]),
+        ("log --step 4 a=1 b=1e3", [("a", "1.0", "4"), ("b", "1000.0", "4")]),
+        ("log a=nan  b=-inf", [("a", "nan", "0"), ("b", "-inf", "0")]),
+        ("log 'a=2' --step=5", [("a", "2.0", "5")]),  # quotes and --step=N: argparse's path
+        ("log a=1 --step -2", [("a", "1.0", "-2")]),
+    ],
+)
+def test_log_lines_parse_the_same_on_the_fast_path_and_argparse(mlops_project: Project, line: str, expected: list) -> None:
+    from jupyter_mlops import tracking
+    from jupyter_mlops.magics import mlops_magic
+    from jupyter_mlops.tracking.spool import read_records
+
+    run = tracking.start_run(experiment="fast", capture_context=False, config=mlops_project.config(flusher_autostart=False))
+    mlops_magic(line)
+    got = [r.fields for r in read_records(run.spool_dir / run.spool_id, 0)]
+    assert [(f[0], f[1], f[3]) for f in got] == expected
+    assert len({f[2] for f in got}) == 1  # one line, one timestamp
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("log a=1 b=high", "metric 'b': needs a number, got 'high'"),
+        ("log a=1 b", "expected KEY=VALUE, got 'b'"),
+        ("log a=1 --step x", "argument --step: invalid int value: 'x'"),
+        ("log a=1 --stp 3", "unrecognized arguments: --stp"),
+        ("log bad\u00a0key=1", "names may hold"),
+        ("log --step 3", "the following arguments are required"),
+    ],
+)
+def test_a_bad_log_line_records_nothing_and_says_why(mlops_project: Project, line: str, fragment: str) -> None:
+    from IPython.core.error import UsageError
+
+    from jupyter_mlops import tracking
+    from jupyter_mlops.magics import mlops_magic
+    from jupyter_mlops.tracking.spool import read_records
+
+    run = tracking.start_run(experiment="fast", capture_context=False, config=mlops_project.config(flusher_autostart=False))
+    with pytest.raises(UsageError, match=fragment):
+        mlops_magic(line)
+    assert read_records(run.spool_dir / run.spool_id, 0) == []
+
+
+def test_flush_and_status_say_what_the_server_refused(mlops_project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    from jupyter_mlops.magics import mlops_magic
+
+    mlops_magic("track --experiment refusing")
+    mlops_magic("log x=1")
+    mlops_magic("flush --timeout 120")
+    assert "up to date" in capsys.readouterr().out
+    client = mlops_project.client()
+    client.delete_experiment(client.get_experiment_by_name("refusing").experiment_id)
+    mlops_magic("log x=2")
+    mlops_magic("flush --timeout 120")  # the background flusher meets the refusal
+    out = capsys.readouterr().out
+    assert "refused by the tracking server: experiment 'refusing' was deleted" in out, out
+    assert "mlflow experiments restore" in out and "jupyter mlops sync" in out and "up to date" not in out
+    mlops_magic("status")
+    status = capsys.readouterr().out
+    assert "status:     REFUSED" in status and "refused:    refused by the tracking server" in status
+
+
+def test_the_notebook_logged_is_what_the_kernel_ran_with_its_outputs(mlops_project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import nbformat
+
+    saved = make_notebook(mlops_project.root / "saved.ipynb", ["print('only this cell was saved')"],
+                          parameters="lr = 0.1\nepochs = 3")
+    monkeypatch.setenv("MLOPS_NOTEBOOK_PATH", str(saved))  # the file the user has open, last saved long ago
+    ran = make_notebook(
+        mlops_project.root / "ran.ipynb",
+        [
+            "%load_ext jupyter_mlops",
+            "x = 41",
+            "%mlops track --experiment executed",
+            "print('hello')\nx + 1",
+            "from IPython.display import HTML, display\ndisplay(HTML('<b>shown</b>'))",
+            "import sys\nprint('to stderr', file=sys.stderr)\nfor i in range(3):\n    %mlops log i={i} --step {i}",
+            "%mlops end",
+        ],
+    )
+    execute_notebook(ran)
+    from jupyter_mlops.tracking.flusher import sync
+
+    sync(mlops_project.spool)
+    run = find_run(mlops_project, "executed")
+    assert run.data.params == {"lr": "0.1", "epochs": "3"}  # the saved notebook's parameters cell
+    client = mlops_project.client()
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "notebook")) == [
+        "notebook/executed.ipynb", "notebook/saved.ipynb"]
+    local = client.download_artifacts(run.info.run_id, "notebook/executed.ipynb", str(mlops_project.root))
+    executed = nbformat.reads(Path(local).read_text(), as_version=4)
+    nbformat.validate(executed)
+    assert [c.source for c in executed.cells] == [c.source for c in nbformat.read(ran, as_version=4).cells]
+    assert [c.execution_count for c in executed.cells] == [1, 2, 3, 4, 5, 6, 7]
+    by_source = {c.source.splitlines()[0]: c.outputs for c in executed.cells}
+    assert "Tracking" in by_source["%mlops track --experiment executed"][0]["text"]
+    hello = by_source["print('hello')"]
+    assert hello[0]["text"] == "hello\n" and hello[1]["output_type"] == "execute_result"
+    assert hello[1]["data"]["text/plain"] == "42" and hello[1]["execution_count"] == 4
+    assert by_source["from IPython.display import HTML, display"][0]["data"]["text/html"] == "<b>shown</b>"
+    assert by_source["import sys"] == [{"output_type": "stream", "name": "stderr", "text": "to stderr\n"}]
+    assert json.loads(json.dumps(executed.metadata))["mlops"]["dropped_outputs"] == 0
+
+
+def test_the_magic_expands_variables_as_ipython_does(mlops_project: Project) -> None:
+    nb = make_notebook(
+        mlops_project.root / "expand.ipynb",
+        [
+            "%load_ext jupyter_mlops\n%mlops track --experiment expand",
+            "def f(k):\n    %mlops log inner={k * 2} --step {k}\nf(3)",
+            "name = 'dollar'\n%mlops tag via=$name\n%mlops tag braces={{x}} d={dict(a=1)['a']} n={len(name)!s}",
+            "%mlops tag failed={undefined_name}",
+            "%mlops end\n%mlops flush",
+        ],
+    )
+    execute_notebook(nb)
+    run = find_run(mlops_project, "expand")
+    assert run.data.metrics == {"inner": 6.0}
+    assert mlops_project.client().get_metric_history(run.info.run_id, "inner")[0].step == 3
+    tags = run.data.tags
+    assert (tags["via"], tags["braces"], tags["d"], tags["n"]) == ("dollar", "{x}", "1", "6")
+    assert tags["failed"] == "{undefined_name}"  # as IPython leaves a line whose expression fails

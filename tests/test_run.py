@@ -47,6 +47,14 @@ def test_nan_and_infinity_are_metrics_too(mlops_run: tracking.Run) -> None:
     assert [r[1][1] for r in records(mlops_run)] == ["nan", "-inf"]
 
 
+def test_metric_values_are_what_mlflows_client_makes_of_them(mlops_run: tracking.Run) -> None:
+    """MLflow's client sends float(value) (MLflow 3.17: '1e3', 'nan' and True are accepted, by a
+    SQLite store and by `mlflow server`): the same values reach the spool, no more, no fewer."""
+    for value in ("1e3", " nan ", True, 2**62):
+        tracking.log_metric("a", value)
+    assert [r[1][1] for r in records(mlops_run)] == ["1000.0", "nan", "1.0", "4.611686018427388e+18"]
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
@@ -64,6 +72,8 @@ def test_nan_and_infinity_are_metrics_too(mlops_run: tracking.Run) -> None:
         (lambda: tracking.log_metric("acc", 1, step=2**63), "out of range"),
         (lambda: tracking.log_metric("acc", 1, timestamp=1.7e12 + 0.5), "timestamp must be an integer"),
         (lambda: tracking.set_tag("t", "bad \ud800 text"), "lone surrogate"),
+        (lambda: tracking.log_metric("acc", 10**400), "too large for a 64-bit float"),
+        (lambda: tracking.log_metric("acc", "1e3x"), "needs a number, got '1e3x'"),
     ],
 )
 def test_bad_values_fail_at_the_call_and_record_nothing(mlops_run: tracking.Run, call, match: str) -> None:

@@ -229,15 +229,72 @@ def test_the_flusher_leaves_when_only_refused_runs_remain(mlops_project: Project
     run.end(log_notebook=False)
     state_file = mlops_project.spool / run.spool_id / "state.json"
     deadline = time.monotonic() + 60
-    while "failed" not in (read_json(state_file) or {}) or (pid := running_pid(mlops_project.spool)) is None:
+    pid = None  # noted as soon as seen: under load its first pass outlasts its idle time, and it
+    while pid is None or "failed" not in (read_json(state_file) or {}):  # leaves right after it
         assert time.monotonic() < deadline, "the flusher never tried the run"
+        found = running_pid(mlops_project.spool)
+        pid = found if found and found > 0 else pid
         time.sleep(0.05)  # the flusher works in its own process; its state file is what it says
     import psutil
 
     try:
         psutil.Process(pid).wait(timeout=30)  # the process, not its lock: a spinning flusher
-    except psutil.TimeoutExpired:             # frees the lock for an instant on every turn
+    except psutil.NoSuchProcess:              # frees the lock for an instant on every turn
+        pass
+    except psutil.TimeoutExpired:
         psutil.Process(pid).kill()
         pytest.fail("the flusher kept going with only a refused run left")
     assert (mlops_project.spool / run.spool_id).is_dir()  # kept for `jupyter mlops sync`
     assert "is deleted" in read_json(state_file)["failed"]
+
+
+def test_a_run_whose_experiment_was_deleted_is_kept_whole_and_says_what_to_do(mlops_project: Project) -> None:
+    from jupyter_mlops.tracking.ledger import spooled_runs
+
+    run = start(mlops_project, experiment="deleted-later")
+    run.log_metric("x", 1, step=0)
+    sync(mlops_project.spool)
+    client = mlops_project.client()
+    exp_id = client.get_experiment_by_name("deleted-later").experiment_id
+    client.delete_experiment(exp_id)
+    run.log_metric("x", 2, step=1)
+    run.log_param("lr", 0.1)
+    run.end(log_notebook=False)
+    for _ in range(2):  # refused again by a second sync: the same clear line, nothing set aside
+        result = sync(mlops_project.spool)
+        assert not result.finished and len(result.failed) == 1
+        assert "experiment 'deleted-later' was deleted" in result.failed[0]
+        assert f"mlflow experiments restore --experiment-id {exp_id}" in result.failed[0]
+    [listed] = spooled_runs(mlops_project.spool)
+    assert listed.status == "REFUSED" and run.status == "REFUSED"
+    assert "jupyter mlops sync --give-up" in run.refusal()
+    assert not run.wait(30)  # refused: nothing to wait for
+    assert not (mlops_project.spool / run.spool_id / "rejected.log").exists()
+    client.restore_experiment(exp_id)
+    result = sync(mlops_project.spool)
+    assert result.finished == [run.spool_id] and not result.failed
+    found = client.get_run(run.run_id)
+    assert found.info.status == "FINISHED" and found.data.params == {"lr": "0.1"}
+    assert len(client.get_metric_history(run.run_id, "x")) == 2
+    assert run.status == "FINISHED" and run.refusal() is None
+
+
+def test_given_up_a_refused_run_finishes_in_the_spool_with_its_refusal(mlops_project: Project) -> None:
+    from jupyter_mlops.tracking.ledger import spooled_runs
+
+    run = start(mlops_project, experiment="given-up")
+    sync(mlops_project.spool)
+    client = mlops_project.client()
+    client.delete_experiment(client.get_experiment_by_name("given-up").experiment_id)
+    run.log_metric("x", 2)
+    run.end(log_notebook=False)
+    assert sync(mlops_project.spool).failed
+    result = sync(mlops_project.spool, give_up=[run.spool_id])
+    assert result.finished == [run.spool_id] and not result.failed
+    [listed] = spooled_runs(mlops_project.spool)
+    assert listed.done and listed.status == "REFUSED"
+    assert "2 record(s) refused" in listed.refusal and "rejected.log" in listed.refusal
+    kinds = [json.loads(line)["record"][0] for line in Path(listed.state["rejected_log"]).read_text().splitlines()]
+    assert kinds == ["m", "e"]
+    assert run.status == "REFUSED"
+    assert not sync(mlops_project.spool).failed  # nothing left to loop on

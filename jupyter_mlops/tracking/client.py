@@ -183,6 +183,21 @@ class MlflowGateway:
             tags.append(InputTag("mlops.data.rev", str(version["rev"])))
         self.call(self._client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
 
+    def run_refusal(self, run_id: str) -> str | None:
+        """Why the run takes no record at all (it or its experiment was deleted, or it is gone),
+        with what to do; None when the run is active (then a refusal is about the record)."""
+        try:
+            run = self.call(self._client.get_run, run_id)
+        except Rejected as e:
+            return f"run {run_id} is not on the tracking server ({e.reason})"
+        if run.info.lifecycle_stage != "deleted":
+            return None
+        experiment = self.call(self._client.get_experiment, run.info.experiment_id)
+        if experiment.lifecycle_stage == "deleted":
+            return (f"experiment {experiment.name!r} was deleted with this run in it; restore it "
+                    f"(mlflow experiments restore --experiment-id {experiment.experiment_id})")
+        return f"run {run_id} was deleted; restore it (mlflow runs restore --run-id {run_id})"
+
     def terminate(self, run_id: str, status: str, end_time: int) -> None:
         self.call(self._client.set_terminated, run_id, status, end_time)
 

@@ -198,39 +198,57 @@ def _memory_bytes() -> int | None:
         return None
 
 
+MAX_REASON = 500  # characters of an NVML error kept in the tag
+
+
 def gpu_inventory() -> list[dict[str, str]]:
-    """GPUs NVML reports (needs nvidia-ml-py and a driver); empty when there are none."""
+    """GPUs NVML reports (needs nvidia-ml-py and a driver); empty when there are none or NVML
+    cannot tell (see :func:`gpu_census` for which)."""
+    return gpu_census()[0] or []
+
+
+def gpu_census() -> tuple[list[dict[str, str]] | None, str | None]:
+    """(GPUs NVML reports, None), or (None, why NVML cannot tell): no nvidia-ml-py, or the
+    driver failed. An empty list only when NVML answered that there are none."""
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
-        return []
+        return None, "nvidia-ml-py is not installed (pip install nvidia-ml-py to record GPUs)"
     try:
         pynvml.nvmlInit()
-    except Exception:  # NVMLError when no driver: no GPUs here
-        return []
+    except Exception as e:  # NVMLError: no driver, or it failed: that says nothing about GPUs
+        return None, f"NVML did not start: {type(e).__name__}: {e}"[:MAX_REASON]
     try:
-        gpus = []
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            uuid = pynvml.nvmlDeviceGetUUID(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-            gpus.append({
-                "index": str(index),
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
-                "memory_bytes": str(memory),
-            })
-        if visible is not None:
-            allowed = {v.strip() for v in visible.split(",") if v.strip()}
-            gpus = [g for g in gpus if g["index"] in allowed or g["uuid"] in allowed]
-        return gpus
+        return _nvml_devices(pynvml), None
+    except Exception as e:  # a driver failing mid-way: unknown, not zero
+        return None, f"NVML failed: {type(e).__name__}: {e}"[:MAX_REASON]
     finally:
         try:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+
+def _nvml_devices(pynvml: Any) -> list[dict[str, str]]:
+    """The GPUs NVML lists, those of CUDA_VISIBLE_DEVICES only when it is set."""
+    gpus = []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(handle)
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        gpus.append({
+            "index": str(index),
+            "name": name.decode() if isinstance(name, bytes) else name,
+            "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+            "memory_bytes": str(memory),
+        })
+    if visible is not None:
+        allowed = {v.strip() for v in visible.split(",") if v.strip()}
+        gpus = [g for g in gpus if g["index"] in allowed or g["uuid"] in allowed]
+    return gpus
 
 
 def capture(notebook: Path | None, history: Sequence[str] = (), cwd: Path | None = None) -> RunContext:
@@ -278,8 +296,10 @@ def capture(notebook: Path | None, history: Sequence[str] = (), cwd: Path | None
     memory = _memory_bytes()
     if memory:
         tags["mlops.memory_bytes"] = str(memory)
-    gpus = gpu_inventory()
-    tags["mlops.gpu_count"] = str(len(gpus))
+    gpus, unknown = gpu_census()
+    tags["mlops.gpu_count"] = str(len(gpus)) if gpus is not None else "unknown"  # not 0: nobody asked NVML
+    if unknown:
+        tags["mlops.gpu_inventory"] = unknown
     if gpus:
         tags["mlops.gpus"] = json.dumps(gpus)
     parameters = papermill_parameters(history)
@@ -289,7 +309,24 @@ def capture(notebook: Path | None, history: Sequence[str] = (), cwd: Path | None
         tags["mlops.papermill.injected"] = json.dumps(injected, sort_keys=True)
         ctx.params.update(defaults)
         ctx.params.update(injected)
+    elif notebook is not None:
+        # Run by hand: the values of the saved notebook's cell tagged "parameters", as a
+        # papermill run of it with no -p would record them.
+        defaults = _saved_parameters(notebook)
+        if defaults:
+            tags["mlops.parameters.source"] = "the saved notebook's parameters cell"
+            ctx.params.update(defaults)
     return ctx
+
+
+def _saved_parameters(notebook: Path) -> dict[str, str]:
+    """The parameters cell's values of a saved notebook (read as JSON: no nbformat in the kernel)."""
+    try:
+        with open(notebook, encoding="utf-8") as f:
+            nb = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return parameter_defaults(nb) if isinstance(nb, dict) else {}
 
 
 def _conda_lock() -> Path | None:

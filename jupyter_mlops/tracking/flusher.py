@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 from ..errors import SpoolError
 from .spool import iter_run_dirs
@@ -109,15 +109,18 @@ def _spawn(spool_dir: Path, config: MlopsConfig) -> None:
         )
 
 
-def sync(spool_dir: Path, *, progress: Callable[[PassResult], None] | None = None, attempts: int = 3) -> PassResult:
+def sync(spool_dir: Path, *, progress: Callable[[PassResult], None] | None = None, attempts: int = 3,
+         give_up: Collection[str] = (), on_progress: Callable[[str, int, int, int], None] | None = None) -> PassResult:
     """Upload everything in ``spool_dir`` now, in this process (``jupyter mlops sync``).
 
     Makes up to ``attempts`` passes while there is progress; returns the last pass's result,
     whose ``waiting`` lists what could not be uploaded (server unreachable) and stays spooled.
+    Runs the server refused are tried again; those named in ``give_up`` have what the server
+    refuses set aside instead, and finish. ``on_progress``: see :class:`.uploader.Uploader`.
     """
     from .uploader import Uploader
 
-    uploader = Uploader(spool_dir, retry_refused=True)
+    uploader = Uploader(spool_dir, retry_refused=True, give_up=give_up, on_progress=on_progress)
     result = uploader.pass_once(wait_for_lock=True, windows=None)
     if progress:
         progress(result)

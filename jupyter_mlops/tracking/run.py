@@ -27,7 +27,8 @@ from ..errors import (
 )
 from . import flusher as _flusher
 from .context import capture, notebook_path
-from .spool import DONE_DIR, EVENTS, STATE, SpoolWriter, read_json
+from .ledger import refusal_note, run_status
+from .spool import DONE_DIR, EVENTS, REJECTED, STATE, SpoolWriter, read_json
 
 __all__ = [
     "Run",
@@ -132,13 +133,23 @@ class Run:
     # -- hot path ---------------------------------------------------------------------------------
 
     def log_metric(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
-        """Record one metric point. Costs a few microseconds; raises on a bad key or value."""
+        """Record one metric point. Costs a few microseconds; raises :class:`InvalidValueError`
+        on a bad key, step or timestamp, or a value MLflow's client would not send.
+
+        A value is what ``float()`` makes of it, as MLflow's client does (checked with MLflow 3.17,
+        on a SQLite store and through ``mlflow server``): numbers, numpy scalars, one-element
+        arrays and tensors, and numeric text ('1e3' is 1000.0, 'nan' and 'inf' are NaN and
+        infinity). NaN is stored as NaN; MLflow's SQL stores keep +-infinity as +-1.8e308.
+        Text that is no number, None, and integers beyond a float's range are refused.
+        """
         if key not in self._valid_keys:
             _check_key("metric", key, self._valid_keys)
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise InvalidValueError("metric", key, f"needs a number, got {value!r}") from None
+        except OverflowError:  # float(10**400): MLflow's client lets this escape as a traceback
+            raise InvalidValueError("metric", key, "is too large for a 64-bit float") from None
         if self.ended:
             raise NoActiveRunError("log a metric")
         if step is None:
@@ -247,12 +258,7 @@ class Run:
         if status not in RUN_STATUSES:
             raise InvalidValueError("status", status, f"must be one of {', '.join(RUN_STATUSES)}")
         if log_notebook and not self.attached:
-            notebook = _notebook_with_outputs(self.header.get("notebook"))
-            if notebook is not None:
-                try:
-                    self.log_artifact(notebook, "notebook")
-                except TrackingError:
-                    pass  # the notebook vanished since start: the run still ends
+            self._log_notebooks()
         for before in self._before_end:
             try:
                 before(self)
@@ -267,6 +273,32 @@ class Run:
         for hook in self._end_hooks:
             hook(status)
         return status
+
+    def _log_notebooks(self) -> None:
+        """A runner's (or papermill's) output notebook holds what ran: log it. Interactively, the
+        saved file as ``notebook/<name>`` and what the kernel executed as ``notebook/executed.ipynb``."""
+        saved = self.header.get("notebook")
+        output = _runner_output_notebook()
+        for path in ([output] if output else [saved] if saved else []):
+            if Path(path).is_file():
+                try:
+                    self.log_artifact(path, "notebook")
+                except TrackingError:
+                    pass  # the notebook vanished meanwhile: the run still ends
+        if output or _executed_notebook is None:
+            return
+        metadata = {}
+        if saved:
+            metadata = {k: v for k, v in ((read_json(Path(saved)) or {}).get("metadata") or {}).items()
+                        if k in ("kernelspec", "language_info")}
+        try:
+            executed = _executed_notebook(metadata)
+        except Exception as e:  # the transcript must not keep the run from ending
+            self.set_tag("mlops.executed_notebook_error", f"{type(e).__name__}: {e}"[:MAX_TAG_VAL_LENGTH])
+            return
+        if executed and executed.get("cells"):
+            name = "executed.ipynb" if not saved or Path(saved).name != "executed.ipynb" else "executed.kernel.ipynb"
+            self.log_text(json.dumps(executed, indent=1, ensure_ascii=False) + "\n", "notebook", name)
 
     @property
     def attached(self) -> bool:
@@ -286,6 +318,15 @@ class Run:
     def upload_state(self) -> dict[str, Any] | None:
         return read_json(self._writer.run_dir / STATE) or read_json(self.spool_dir / DONE_DIR / f"{self.spool_id}.json")
 
+    @property
+    def status(self) -> str:
+        """The run's state as ``jupyter mlops runs`` words it: RUNNING, FINISHED, REFUSED, ..."""
+        return run_status(self.upload_state() or {}, ended=self.ended, writer_alive=not self.ended)
+
+    def refusal(self) -> str | None:
+        """What the tracking server refused of this run, why and what to do; None if nothing."""
+        return refusal_note(self.upload_state() or {}, self._writer.run_dir / REJECTED)
+
     def pending_bytes(self) -> int:
         """Bytes of records not uploaded yet (0 when the run is fully uploaded)."""
         done = read_json(self.spool_dir / DONE_DIR / f"{self.spool_id}.json")
@@ -299,7 +340,9 @@ class Run:
         return max(0, size - int(state.get("offset", 0)))
 
     def wait(self, timeout: float = 30.0, *, uploaded: bool = True) -> bool:
-        """Wait until the run exists on the server (and, if ``uploaded``, all records are there)."""
+        """Wait until the run exists on the server (and, if ``uploaded``, all records are there).
+
+        False after ``timeout`` or as soon as the server refused the run (see :meth:`refusal`)."""
         _flusher.ensure_running(self.spool_dir, self.config, nudge=True)
         start = time.monotonic()
         while True:
@@ -307,6 +350,8 @@ class Run:
             waited = time.monotonic() - start
             if done or waited >= timeout:
                 return done
+            if (read_json(self._writer.run_dir / STATE) or {}).get("failed"):
+                return False  # refused: kept for `jupyter mlops sync`, nothing to wait for
             # The flusher's progress is a file; a poll costs ~30 us. Poll finely for the first
             # seconds (an upload usually ends there, and a coarse step would add up to its length
             # to every wait), coarsely when the server is away.
@@ -317,17 +362,27 @@ class Run:
             raise NoActiveRunError(action)
 
 
-def _notebook_with_outputs(notebook: str | None) -> Path | None:
-    """The copy of the notebook that holds this run's outputs: a runner's output path, then
-    the output of a ``papermill`` command that started this kernel, then the notebook itself."""
+def _runner_output_notebook() -> str | None:
+    """The output notebook of a runner (``MLOPS_OUTPUT_NOTEBOOK_PATH``) or of a ``papermill``
+    command that started this kernel: it holds what ran, outputs included."""
     from .context import papermill_cli_paths
 
     output = os.environ.get("MLOPS_OUTPUT_NOTEBOOK_PATH")
-    cli = papermill_cli_paths() if not output else None
-    for candidate in (output, cli[1] if cli else None, notebook):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+    if output:
+        return output
+    cli = papermill_cli_paths()
+    return str(cli[1]) if cli else None
+
+
+#: What the kernel executed, as an nbformat-v4 dict (given metadata to keep), or None. Set by the
+#: IPython extension (see jupyter_mlops._transcript); None outside IPython.
+_executed_notebook: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+
+
+def set_executed_notebook(source: Callable[[dict[str, Any]], dict[str, Any] | None] | None) -> None:
+    """Where :meth:`Run.end` gets the executed notebook it logs as ``notebook/executed.ipynb``."""
+    global _executed_notebook
+    _executed_notebook = source
 
 
 def _new_spool_id() -> str:

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection
 
 from ..errors import SpoolError
 from .client import MlflowGateway, Rejected, Retryable
@@ -96,11 +96,17 @@ class _Batch:
 
 
 class Uploader:
-    def __init__(self, spool_dir: Path, *, retry_refused: bool = False) -> None:
-        """``retry_refused``: try again runs the server refused to create (``jupyter mlops sync``
-        does, after the user fixed the cause); the background flusher leaves them alone."""
+    def __init__(self, spool_dir: Path, *, retry_refused: bool = False, give_up: Collection[str] = (),
+                 on_progress: Callable[[str, int, int, int], None] | None = None) -> None:
+        """``retry_refused``: try again runs the server refused (``jupyter mlops sync`` does, after
+        the user fixed the cause); the background flusher leaves them alone. ``give_up``: spool
+        ids of refused runs whose records are to be set aside instead (the user gave them up).
+        ``on_progress(spool_id, records, bytes_done, bytes_total)``: called after each request that
+        moved a run on (records: uploaded in this pass), for a progress display."""
         self.spool_dir = spool_dir
         self.retry_refused = retry_refused
+        self.give_up = frozenset(give_up)
+        self.on_progress = on_progress
         self._gateways: dict[tuple[str, str | None], MlflowGateway] = {}
         self._reported: dict[str, str] = {}
 
@@ -168,8 +174,10 @@ class Uploader:
         state = read_json(run_dir / STATE) or {"offset": 0}
         state.pop("waiting", None)  # written back with the first progress of this pass
         state.pop("waiting_since", None)
+        if run_dir.name in self.give_up:
+            state["give_up"] = True
         if state.get("failed"):
-            if not self.retry_refused:
+            if not self.retry_refused and not state.get("give_up"):
                 result.failed.append(f"{run_dir.name}: {state['failed']}")
                 return
             del state["failed"]
@@ -186,6 +194,7 @@ class Uploader:
                 raise
         run_id = state["run_id"]
         reads = 0
+        sent = 0
         while windows is None or reads < windows:
             records = read_records(run_dir, int(state["offset"]))
             reads += 1
@@ -204,13 +213,17 @@ class Uploader:
                     if batch.records:
                         self._send_batch(gateway, run_id, batch, run_dir, state)
                         result.uploaded += len(batch.records)
+                        sent += len(batch.records)
                     state["offset"] = records[i - 1].end
                 else:
                     self._apply(gateway, run_id, run_dir, records[i], state)
                     result.uploaded += 1
+                    sent += 1
                     state["offset"] = records[i].end
                     i += 1
                 atomic_write_json(run_dir / STATE, state)
+                if self.on_progress is not None:
+                    self.on_progress(run_dir.name, sent, int(state["offset"]), _size(run_dir))
         ended = state.get("ended")
         if not alive and not _fully_read(run_dir, int(state["offset"])) and not read_records(run_dir, int(state["offset"]), 1 << 20):
             # A dead writer's last record was cut short (the disk filled, the process was killed
@@ -224,8 +237,14 @@ class Uploader:
             # The kernel died without ending the run (killed, crashed, out of memory). An attached
             # run's target belongs to its owner (a pipeline step's runner), which ends it.
             if not state.get("attached"):
-                gateway.set_tags(run_id, {"mlops.end_reason": "the writing process died before the run ended"})
-                gateway.terminate(run_id, "KILLED", int(time.time() * 1000))
+                end = Record("e", ("KILLED", str(int(time.time() * 1000))), -1)  # -1: no offset of the file
+                try:
+                    gateway.set_tags(run_id, {"mlops.end_reason": "the writing process died before the run ended"})
+                    gateway.terminate(run_id, "KILLED", int(end.fields[1]))
+                except Rejected as e:
+                    self._check_run(gateway, run_id, run_dir, state)
+                    state["end_refused"] = e.reason
+                    self._reject(gateway, run_id, run_dir, end, e.reason, state)
             ended = state["ended"] = "KILLED"
             atomic_write_json(run_dir / STATE, state)
         if ended and not alive and _fully_read(run_dir, int(state["offset"])):
@@ -248,12 +267,15 @@ class Uploader:
                 gateway.log_dataset(run_id, record.fields[0], json.loads(record.fields[1]))
             elif record.kind == "e":
                 status, end_time = record.fields[0], int(record.fields[1])
+                state["ended"] = status  # also when refused: a refused end is set aside, never re-sent
                 if not state.get("attached"):
                     gateway.terminate(run_id, status, end_time)  # an attached run's owner ends it
-                state["ended"] = status
             else:
                 raise ValueError("malformed record")
         except Rejected as e:
+            self._check_run(gateway, run_id, run_dir, state)
+            if record.kind == "e":
+                state["end_refused"] = e.reason
             self._reject(gateway, run_id, run_dir, record, e.reason, state)
         except (ValueError, IndexError, KeyError, TypeError) as e:
             self._reject(gateway, run_id, run_dir, record, str(e) if record.kind != "?" else "malformed record", state)
@@ -296,6 +318,7 @@ class Uploader:
         try:
             gateway.log_batch(run_id, batch.metrics, batch.params, list(batch.tags.items()))
         except Rejected:
+            self._check_run(gateway, run_id, run_dir, state)
             # Narrow down: send record by record, set aside only what the server refuses.
             for record in batch.records:
                 single = _Batch()
@@ -316,11 +339,27 @@ class Uploader:
             f.write(line + "\n")
         done.append(record.end)
         state["rejected"] = len(done)
+        state["refusal"] = reason  # the latest: what status and flush tell the user
         log.warning("%s: set aside %s record %s (see %s): %s", run_dir.name, record.kind, record.fields[:1], REJECTED, reason)
         try:
             gateway.set_tags(run_id, {"mlops.rejected_records": str(state["rejected"])})
         except Rejected:
             pass
+
+    def _check_run(self, gateway: MlflowGateway, run_id: str, run_dir: Path, state: dict[str, Any]) -> None:
+        """After a refusal: when the run itself takes nothing (deleted with its experiment, gone),
+        setting every record aside would lose the run for a cause the user can undo. Keep it
+        whole instead, as REFUSED with what to do (the flusher leaves it; ``sync`` retries it),
+        unless the user gave its records up."""
+        if state.get("give_up"):
+            return
+        why = gateway.run_refusal(run_id)
+        if why is None:
+            return
+        state["failed"] = (f"{why}, then run `jupyter mlops sync`; or give up its unsent records: "
+                           f"jupyter mlops sync --give-up {run_dir.name}")
+        atomic_write_json(run_dir / STATE, state)
+        raise Rejected(gateway.uri, state["failed"])
 
     def _finish(self, run_dir: Path, header: dict[str, Any], state: dict[str, Any]) -> None:
         done_dir = self.spool_dir / DONE_DIR
@@ -353,6 +392,13 @@ def _set_waiting(run_dir: Path, reason: str) -> None:
     state["waiting"] = reason
     state["waiting_since"] = state.get("waiting_since") or time.time()
     atomic_write_json(run_dir / STATE, state)
+
+
+def _size(run_dir: Path) -> int:
+    try:
+        return os.stat(run_dir / EVENTS).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _fully_read(run_dir: Path, offset: int) -> bool:
