@@ -121,10 +121,18 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on a loopback port, with a SQLite backend; stoppable, restartable."""
+    """A real `mlflow server` on a loopback port, with a SQLite backend; stoppable, restartable.
 
-    def __init__(self, folder: Path) -> None:
+    ``artifacts``: where artifacts go (default: a folder of its own; an ``s3://`` URL for object
+    storage). ``serve_artifacts``: the server proxies artifact transfers (``--artifacts-destination``);
+    without it, clients write to ``artifacts`` themselves (``--no-serve-artifacts
+    --default-artifact-root``), as a team whose notebooks reach the bucket directly would run it.
+    """
+
+    def __init__(self, folder: Path, *, artifacts: str | None = None, serve_artifacts: bool = True) -> None:
         self.folder = folder
+        self.artifacts = artifacts or str(folder / "artifacts")
+        self.serve_artifacts = serve_artifacts
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -149,7 +157,8 @@ class MlflowServer:
         return subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server",
              "--backend-store-uri", "sqlite:///" + str(self.folder / "server.db"),
-             "--artifacts-destination", str(self.folder / "artifacts"),
+             *(["--artifacts-destination", self.artifacts] if self.serve_artifacts
+               else ["--no-serve-artifacts", "--default-artifact-root", self.artifacts]),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
