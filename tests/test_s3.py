@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ import pytest
 
 from jupyter_mlops import data
 from jupyter_mlops.data.project import init_project
+from jupyter_mlops.errors import RemoteError
 
-from .conftest import Project, git
+from .conftest import Project, cell_text, execute_notebook, git, make_notebook
 from .s3_server import CREDENTIALS, MotoServer, bucket_objects, s3_client
 
 pytestmark = pytest.mark.s3
@@ -129,3 +131,36 @@ def test_push_wipe_and_pull_give_back_the_same_bytes(mlops_s3_dvc: Project, mlop
     wipe_local_copies(root)
     data.pull()
     assert files_under(root / "data") == before
+
+
+def test_without_the_s3_extra_push_and_pull_say_what_to_install(mlops_s3_dvc: Project,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    data.add("data/train.csv")
+    monkeypatch.setitem(sys.modules, "dvc_s3", None)  # as if dvc-s3 were not installed
+    for transfer in (data.push, data.pull):
+        with pytest.raises(RemoteError) as info:
+            transfer()
+        message = str(info.value)
+        assert "pip install 'jupyter_mlops[s3]'" in message and "\n" not in message
+
+
+def test_the_data_magics_push_and_pull_through_s3_in_a_real_kernel(mlops_s3_dvc: Project) -> None:
+    root = mlops_s3_dvc.root
+    nb = make_notebook(root / "s3.ipynb", [
+        "%load_ext jupyter_mlops",
+        "%mlops data add data/train.csv data/images",
+        "%mlops data push",
+        "import shutil, pathlib\n"
+        "before = {p: p.read_bytes() for p in pathlib.Path('data').rglob('*') if p.is_file()}\n"
+        "shutil.rmtree('.dvc/cache'); shutil.rmtree('data/images'); pathlib.Path('data/train.csv').unlink()",
+        "%mlops data pull",
+        "after = {p: p.read_bytes() for p in pathlib.Path('data').rglob('*') if p.is_file()}\n"
+        "print('same bytes' if after == before else f'differ: {sorted(set(before) ^ set(after))}')",
+        "import sys\nsys.modules['dvc_s3'] = None  # as if dvc-s3 were not installed\n%mlops data push",
+    ])
+    executed = execute_notebook(nb, allow_errors=True)
+    assert "Pushed 7 file(s)" in cell_text(executed, 2)
+    assert "Pulled: " in cell_text(executed, 4)
+    assert cell_text(executed, 5).strip() == "same bytes"
+    error = cell_text(executed, 6)
+    assert "pip install 'jupyter_mlops[s3]'" in error and "Traceback" not in error

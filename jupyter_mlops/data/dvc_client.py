@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -267,6 +268,10 @@ def _restore(dvcfile: Path, previous: bytes | None) -> None:
         pass
 
 
+# DVC's plug-ins for remotes that an extra of ours installs (the others are named as they are)
+_EXTRAS = {"dvc-s3": "s3"}
+
+
 @contextlib.contextmanager
 def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
     """DVC's exceptions as ours, with the one line that says what to do."""
@@ -288,6 +293,15 @@ def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
         if kind in ("DownloadError", "UploadError") or (remote and kind != "CheckoutError"):
             raise RemoteError(f"{what}: the DVC remote failed: {text}") from e
         raise DataError(f"{what}: {text}", path=what) from e
+    except ImportError as e:
+        # DVC's plug-in for the remote's scheme is missing: "s3 is supported, but requires 'dvc-s3' ..."
+        missing = re.match(r"(\w+) is supported, but requires '([\w-]+)'", str(e))
+        if missing is None:
+            raise
+        scheme, package = missing.groups()
+        extra = _EXTRAS.get(package)
+        install = f"pip install 'jupyter_mlops[{extra}]'" if extra else f"pip install {package}"
+        raise RemoteError(f"{what}: the DVC remote is on {scheme}, which needs the {package} package: {install}") from e
     except OSError as e:
         if remote:
             raise RemoteError(f"{what}: the DVC remote cannot be used ({e.strerror or e}: {e.filename}); check "
