@@ -24,7 +24,7 @@ from jupyter_mlops import data
 from jupyter_mlops.data.project import init_project
 from jupyter_mlops.errors import RemoteError
 
-from .conftest import Project, cell_text, execute_notebook, git, make_notebook
+from .conftest import MlflowServer, Project, cell_text, execute_notebook, find_run, git, make_notebook
 from .s3_server import CREDENTIALS, MotoServer, StallingRelay, bucket_objects, s3_client
 
 pytestmark = pytest.mark.s3
@@ -223,3 +223,46 @@ def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(
     monkeypatch.chdir(clone)
     data.pull()
     assert files_under(clone / "data" / "many") == files_under(many)
+
+
+# -- MLflow artifacts on S3 ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("serve_artifacts", [True, False], ids=["proxied-by-the-server", "direct-to-the-bucket"])
+def test_a_runs_artifacts_land_in_the_bucket_and_come_back_whole(
+    mlops_project: Project, mlops_s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    serve_artifacts: bool,
+) -> None:
+    """`%mlops artifact` in a real kernel; the kernel's uploader (the spool's flusher process) sends
+    it. Proxied, the server writes to the bucket; direct, the uploader does, with boto3 and
+    MLFLOW_S3_ENDPOINT_URL. The bigger file is above boto3's multipart threshold (8 MiB)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", mlops_s3.endpoint)
+    server = MlflowServer(tmp_path / "server", artifacts=mlops_s3.url("mlflow"), serve_artifacts=serve_artifacts)
+    server.folder.mkdir()
+    server.start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        payloads = {"small.txt": b"weights\n", "model.bin": os.urandom(9 * 2**20)}
+        for name, payload in payloads.items():
+            (mlops_project.root / name).write_bytes(payload)
+        nb = make_notebook(mlops_project.root / "train.ipynb", [
+            "%load_ext jupyter_mlops\n%mlops track --experiment s3",
+            "%mlops artifact small.txt\n%mlops artifact model.bin --path model",
+            "%mlops end",
+            "%mlops flush --timeout 120",
+        ])
+        executed = execute_notebook(nb, timeout=180)
+        assert "up to date" in cell_text(executed, 3)
+        run = find_run(server.uri, "s3")
+
+        in_bucket = mlops_s3.objects()
+        for name, path in (("small.txt", "small.txt"), ("model.bin", "model/model.bin")):
+            keys = [k for k in in_bucket if k.startswith("mlflow/") and k.endswith(f"/{run.info.run_id}/artifacts/{path}")]
+            assert len(keys) == 1, f"{path} is not in the bucket once: {sorted(in_bucket)}"
+            assert in_bucket[keys[0]] == payloads[name]
+            local = MlflowClient(server.uri).download_artifacts(run.info.run_id, path, str(tmp_path / "down"))
+            assert Path(local).read_bytes() == payloads[name]
+    finally:
+        server.stop()
