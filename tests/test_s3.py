@@ -145,6 +145,39 @@ def test_without_the_s3_extra_push_and_pull_say_what_to_install(mlops_s3_dvc: Pr
         assert "pip install 'jupyter_mlops[s3]'" in message and "\n" not in message
 
 
+def test_missing_credentials_are_one_line_naming_the_variables(mlops_s3_dvc: Project,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    data.add("data/train.csv")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    for transfer in (data.push, data.pull):
+        with pytest.raises(RemoteError) as info:
+            transfer()
+        message = str(info.value)
+        assert "AWS_ACCESS_KEY_ID" in message and "\n" not in message
+
+
+def test_an_endpoint_nobody_answers_on_is_one_line_naming_it(mlops_s3_dvc: Project) -> None:
+    from .conftest import free_port
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    use_s3_remote(mlops_s3_dvc.root, "s3://bucket/store", nobody)
+    data.add("data/train.csv")
+    with pytest.raises(RemoteError) as info:
+        data.push()
+    message = str(info.value)
+    assert nobody in message and "endpointurl" in message and "\n" not in message
+
+
+def test_a_bucket_that_does_not_exist_is_named_in_the_error(mlops_s3_dvc: Project, mlops_s3: Bucket) -> None:
+    use_s3_remote(mlops_s3_dvc.root, "s3://no-such-bucket-here/store", mlops_s3.endpoint)
+    data.add("data/train.csv")
+    with pytest.raises(RemoteError) as info:
+        data.push()
+    message = str(info.value)
+    assert "bucket does not exist" in message and "\n" not in message
+
+
 def test_the_data_magics_push_and_pull_through_s3_in_a_real_kernel(mlops_s3_dvc: Project) -> None:
     root = mlops_s3_dvc.root
     nb = make_notebook(root / "s3.ipynb", [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -248,8 +249,6 @@ class DvcProject:
 def _quiet_dvc() -> None:
     """In-process, DVC's INFO messages (hints meant for its CLI, like "To track the changes with
     git, run: ...") would land in the notebook; our own messages say what to commit."""
-    import logging
-
     dvc_logger = logging.getLogger("dvc")
     if dvc_logger.level < logging.WARNING:
         dvc_logger.setLevel(logging.WARNING)
@@ -277,8 +276,10 @@ def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
     """DVC's exceptions as ours, with the one line that says what to do."""
     from dvc.exceptions import DvcException
 
+    first_failure = _FirstFailure() if remote else None
     try:
-        yield
+        with first_failure or contextlib.nullcontext():
+            yield
     except DataError:
         raise
     except DvcException as e:
@@ -291,6 +292,11 @@ def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
             raise DataError(f"{what} would overwrite local changes ({text.split('confirmation.')[-1].split('force.')[-1].strip()}): "
                             "version them with `%mlops data add` first, or discard them") from e
         if kind in ("DownloadError", "UploadError") or (remote and kind != "CheckoutError"):
+            cause = first_failure.error if first_failure else None
+            if cause is not None and type(cause).__module__.startswith("botocore."):
+                raise RemoteError(_s3_failure(what, cause)) from e
+            if first_failure and first_failure.message:
+                text += f" (the first: {first_failure.message})"
             raise RemoteError(f"{what}: the DVC remote failed: {text}") from e
         raise DataError(f"{what}: {text}", path=what) from e
     except ImportError as e:
@@ -312,3 +318,47 @@ def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
         if not isinstance(e, FileNotFoundError):
             raise DataError(f"{what}: {e.strerror or e} ({e.filename})", path=what) from e
         raise DataError(f"{what}: {e.filename or e} does not exist", path=what) from e
+    except Exception as e:
+        # DVC lets the S3 client's own errors through (no credentials, no server at the endpoint)
+        if remote and type(e).__module__.startswith("botocore."):
+            raise RemoteError(_s3_failure(what, e)) from e
+        raise
+
+
+class _FirstFailure(logging.Handler):
+    """The first error DVC logs during a transfer: DVC logs why each file failed and raises only
+    "N files failed to upload", so the reason is taken from its log."""
+
+    _loggers = ("dvc", "dvc_data")
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message = ""
+        self.error: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.message:
+            self.error = record.exc_info[1] if record.exc_info else None
+            self.message = " ".join(record.getMessage().split()) + (f" - {self.error}" if self.error else "")
+
+    def __enter__(self) -> "_FirstFailure":
+        for name in self._loggers:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self._loggers:
+            logging.getLogger(name).removeHandler(self)
+
+
+def _s3_failure(what: str, error: BaseException) -> str:
+    """One line for an error of botocore's (DVC's S3 plug-in), saying what to set."""
+    kind = type(error).__name__
+    if kind in ("NoCredentialsError", "PartialCredentialsError"):
+        return (f"{what}: no credentials for the S3 remote: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "in the environment (or name a profile: `dvc remote modify NAME profile PROFILE`)")
+    text = " ".join(str(error).split())
+    if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        return (f"{what}: the S3 remote does not answer ({text}): check that it is up, and its endpointurl "
+                "(`dvc remote modify NAME endpointurl URL`)")
+    return f"{what}: the S3 remote failed: {text}"
