@@ -20,9 +20,10 @@ from typing import Iterator
 
 import pytest
 
-from jupyter_mlops import data
+from jupyter_mlops import data, tracking
 from jupyter_mlops.data.project import init_project
 from jupyter_mlops.errors import RemoteError
+from jupyter_mlops.tracking.flusher import sync
 
 from .conftest import MlflowServer, Project, cell_text, execute_notebook, find_run, git, make_notebook
 from .s3_server import CREDENTIALS, MotoServer, StallingRelay, bucket_objects, s3_client
@@ -299,3 +300,25 @@ def test_a_runs_artifacts_land_in_the_bucket_and_come_back_whole(
             assert Path(local).read_bytes() == payloads[name]
     finally:
         server.stop()
+
+
+def test_an_s3_artifact_root_without_boto3_keeps_the_run_and_names_the_extra(
+    mlops_project: Project, mlops_s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded store with MLOPS_ARTIFACT_ROOT on S3: the uploader writes artifacts itself."""
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", mlops_s3.endpoint)
+    config = mlops_project.config(artifact_root=mlops_s3.url("mlflow"), flusher_autostart=False)
+    run = tracking.start_run(experiment="s3-direct", capture_context=False, config=config)
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    run.log_artifact(tmp_path / "model.bin")
+    run.end(log_notebook=False)
+
+    with monkeypatch.context() as without:
+        without.setitem(sys.modules, "boto3", None)  # as if boto3 were not installed
+        result = sync(mlops_project.spool)
+    assert any("pip install 'jupyter_mlops[s3]'" in line for line in result.waiting), result.waiting
+    assert (mlops_project.spool / run.spool_id).is_dir()  # kept: nothing lost
+
+    assert sync(mlops_project.spool).finished == [run.spool_id]
+    keys = [k for k in mlops_s3.objects() if k.endswith(f"/{run.run_id}/artifacts/model.bin")]
+    assert len(keys) == 1 and keys[0].startswith("mlflow/")
