@@ -179,6 +179,31 @@ def test_a_bucket_that_does_not_exist_is_named_in_the_error(mlops_s3_dvc: Projec
     assert "bucket does not exist" in message and "\n" not in message
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jupyter_mlops", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_the_cli_pushes_and_pulls_and_says_what_is_wrong_in_one_line(mlops_s3_dvc: Project) -> None:
+    root = mlops_s3_dvc.root
+    data.add("data/train.csv", "data/images")
+    images = files_under(root / "data" / "images")
+    pushed = cli("data", "push")
+    assert pushed.returncode == 0 and "Pushed 7 file(s)" in pushed.stdout, pushed.stderr
+    wipe_local_copies(root)
+    pulled = cli("data", "pull", "data/images")
+    assert pulled.returncode == 0 and "Pulled: " in pulled.stdout, pulled.stderr
+    assert files_under(root / "data" / "images") == images
+    assert not (root / "data" / "train.csv").exists()  # only what was named
+
+    no_keys = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    refused = cli("data", "pull", env=no_keys)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert [line for line in refused.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: pull: no credentials for the S3 remote: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "in the environment (or name a profile: `dvc remote modify NAME profile PROFILE`)"]
+
+
 def test_the_data_magics_push_and_pull_through_s3_in_a_real_kernel(mlops_s3_dvc: Project) -> None:
     root = mlops_s3_dvc.root
     nb = make_notebook(root / "s3.ipynb", [
@@ -204,7 +229,7 @@ def test_the_data_magics_push_and_pull_through_s3_in_a_real_kernel(mlops_s3_dvc:
 def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(
     mlops_project: Project, mlops_s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`data push` of a folder of 200 files, killed (SIGKILL) after 40 uploads landed and while
+    """`jupyter mlops data push` of a folder of 200 files, killed (SIGKILL) after 40 uploads landed and while
     the next ones are halfway through their bodies; then pushed again, then pulled into a fresh
     clone. The relay in front of the S3 server stalls those uploads, so the kill lands mid-upload
     every time without a timing guess.
@@ -230,7 +255,7 @@ def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(
         git(root, "commit", "-qm", "data")
         log = tmp_path / "pusher.log"
         with open(log, "wb") as out:
-            pusher = subprocess.Popen([sys.executable, "-c", "from jupyter_mlops import data; data.push()"],
+            pusher = subprocess.Popen([sys.executable, "-m", "jupyter_mlops", "data", "push"],
                                       cwd=root, stdout=out, stderr=subprocess.STDOUT)
         try:
             assert relay.stalled.wait(120), f"the push never got past 40 uploads: {log.read_text()[-2000:]}"
@@ -348,7 +373,7 @@ def test_a_multipart_push_killed_midway_leaves_no_object_and_resumes(
         git(root, "commit", "-qm", "model")
         log = tmp_path / "pusher.log"
         with open(log, "wb") as out:
-            pusher = subprocess.Popen([sys.executable, "-c", "from jupyter_mlops import data; data.push()"],
+            pusher = subprocess.Popen([sys.executable, "-m", "jupyter_mlops", "data", "push"],
                                       cwd=root, stdout=out, stderr=subprocess.STDOUT)
         try:
             assert relay.stalled.wait(120), f"the push never got past its first part: {log.read_text()[-2000:]}"
