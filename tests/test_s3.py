@@ -226,6 +226,40 @@ def test_the_data_magics_push_and_pull_through_s3_in_a_real_kernel(mlops_s3_dvc:
     assert "pip install 'jupyter_mlops[s3]'" in error and "Traceback" not in error
 
 
+def test_two_users_pushing_the_same_data_at_once_both_succeed_and_share_it(
+    mlops_s3_dvc: Project, mlops_s3: Bucket, tmp_path: Path
+) -> None:
+    """Two clones start pushing together into one remote: the same folder (same bytes, so the same objects)
+    and a file of their own each. Objects are named by their md5, so writing one twice is writing
+    the same bytes: both pushes succeed, and each clone pulls back its own data."""
+    images = os.urandom(3000)
+    clones = {}
+    for user in ("ann", "bob"):
+        clone = tmp_path / user
+        git(tmp_path, "clone", "-q", str(mlops_s3_dvc.root), str(clone))
+        (clone / "data" / "images").mkdir(parents=True)
+        for i in range(20):
+            (clone / "data" / "images" / f"{i}.bin").write_bytes(images[i * 150:(i + 1) * 150])
+        (clone / "data" / f"{user}.bin").write_bytes(os.urandom(5000))
+        data.add(clone / "data" / "images", clone / "data" / f"{user}.bin", record=False, start=clone)
+        clones[user] = (clone, files_under(clone / "data"))
+    pushers = [subprocess.Popen([sys.executable, "-m", "jupyter_mlops", "data", "push"], cwd=clone,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for clone, _ in clones.values()]
+    outputs = [p.communicate(timeout=300)[0] for p in pushers]
+    assert [p.returncode for p in pushers] == [0, 0], outputs
+
+    objects = mlops_s3.objects()
+    assert len(objects) == 20 + 1 + 2  # the shared images and their manifest once, a file each
+    assert_content_addressed(objects, "store/")
+    for user, (clone, before) in clones.items():
+        shutil.rmtree(clone / ".dvc" / "cache")
+        shutil.rmtree(clone / "data" / "images")
+        (clone / "data" / f"{user}.bin").unlink()
+        pulled = subprocess.run([sys.executable, "-m", "jupyter_mlops", "data", "pull"], cwd=clone,
+                                capture_output=True, text=True, timeout=300)
+        assert pulled.returncode == 0, pulled.stderr
+        assert files_under(clone / "data") == before
 def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(
     mlops_project: Project, mlops_s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
