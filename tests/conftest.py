@@ -193,6 +193,40 @@ def mlops_private_server(tmp_path: Path) -> Iterator[MlflowServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def mlops_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One S3 server (moto's, tests/s3_server.py) for the session; tests keep apart by bucket."""
+    from .s3_server import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.skip(f"moto's S3 server cannot start here, so the object-storage tests cannot run: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlops_s3(mlops_s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fresh bucket (an s3_server.Bucket); credentials in the environment, and nothing else of
+    AWS's that could leak in (a profile, a config file, a global endpoint), so each tool must be
+    given the endpoint its own way (DVC's endpointurl, MLFLOW_S3_ENDPOINT_URL)."""
+    from .s3_server import CREDENTIALS, Bucket, s3_client
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = Bucket(mlops_s3_server.endpoint, f"mlops-{uuid.uuid4().hex[:16]}")
+    s3_client(bucket.endpoint).create_bucket(Bucket=bucket.name)
+    return bucket
+
+
 @pytest.fixture
 def mlops_readonly_dir(tmp_path: Path) -> Iterator[Path]:
     """A folder nobody can write to: a read-only tmpfs as root, mode 0500 otherwise."""

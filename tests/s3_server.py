@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,20 @@ def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
         for item in page.get("Contents", []):
             objects[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
     return objects
+
+
+@dataclass
+class Bucket:
+    """A bucket of one test's own on the S3 server at ``endpoint``."""
+
+    endpoint: str
+    name: str
+
+    def url(self, path: str) -> str:
+        return f"s3://{self.name}/{path}"
+
+    def objects(self) -> dict[str, bytes]:
+        return bucket_objects(self.endpoint, self.name)
 
 
 class StallingRelay:

@@ -1,9 +1,9 @@
-"""Object storage for real: DVC remotes and MLflow artifacts on an S3 API (moto's server, loopback).
+"""DVC remotes on S3 for real (moto's server on loopback, started by the tests).
 
 Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_DEFAULT_REGION) and the endpoint from where each tool reads it: the DVC remote's
-``endpointurl`` and MLflow's ``MLFLOW_S3_ENDPOINT_URL``, as a team on MinIO or another S3 would
-configure them. Every test has a bucket of its own on one moto server for the session.
+AWS_DEFAULT_REGION) and the endpoint from the DVC remote's ``endpointurl``, as a team on MinIO or
+another S3 API would configure them. Every test has a bucket of its own on one moto server for the
+session (the fixtures are in conftest.py); MLflow artifacts on S3 are in test_s3_artifacts.py.
 """
 
 from __future__ import annotations
@@ -13,63 +13,19 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from jupyter_mlops import data, tracking
+from jupyter_mlops import data
 from jupyter_mlops.data.project import init_project
 from jupyter_mlops.errors import RemoteError
-from jupyter_mlops.tracking.flusher import sync
 
-from .conftest import MlflowServer, Project, cell_text, execute_notebook, find_run, git, make_notebook
-from .s3_server import CREDENTIALS, MotoServer, StallingRelay, bucket_objects, s3_client
+from .conftest import Project, cell_text, execute_notebook, git, make_notebook
+from .s3_server import Bucket, StallingRelay, s3_client
 
 pytestmark = pytest.mark.s3
-
-
-@dataclass
-class Bucket:
-    endpoint: str
-    name: str
-
-    def url(self, path: str) -> str:
-        return f"s3://{self.name}/{path}"
-
-    def objects(self) -> dict[str, bytes]:
-        return bucket_objects(self.endpoint, self.name)
-
-
-@pytest.fixture(scope="session")
-def mlops_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    """One moto server for the session; tests keep apart by bucket."""
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
-    try:
-        server.start()
-    except RuntimeError as e:
-        pytest.skip(f"moto's S3 server cannot start here, so the object-storage tests cannot run: {e}")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def mlops_s3(mlops_s3_server: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Bucket:
-    """A fresh bucket; credentials in the environment, and nothing else of AWS's that could leak in
-    (a profile, a config file, a global endpoint) so each tool must be given the endpoint its way."""
-    for name, value in CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "MLFLOW_S3_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    bucket = Bucket(mlops_s3_server.endpoint, f"mlops-{uuid.uuid4().hex[:16]}")
-    s3_client(bucket.endpoint).create_bucket(Bucket=bucket.name)
-    return bucket
 
 
 def use_s3_remote(root: Path, url: str, endpoint: str) -> None:
@@ -317,72 +273,6 @@ def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(
     monkeypatch.chdir(clone)
     data.pull()
     assert files_under(clone / "data" / "many") == files_under(many)
-
-
-# -- MLflow artifacts on S3 ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("serve_artifacts", [True, False], ids=["proxied-by-the-server", "direct-to-the-bucket"])
-def test_a_runs_artifacts_land_in_the_bucket_and_come_back_whole(
-    mlops_project: Project, mlops_s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    serve_artifacts: bool,
-) -> None:
-    """`%mlops artifact` in a real kernel; the kernel's uploader (the spool's flusher process) sends
-    it. Proxied, the server writes to the bucket; direct, the uploader does, with boto3 and
-    MLFLOW_S3_ENDPOINT_URL. The bigger file is above boto3's multipart threshold (8 MiB)."""
-    from mlflow import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", mlops_s3.endpoint)
-    server = MlflowServer(tmp_path / "server", artifacts=mlops_s3.url("mlflow"), serve_artifacts=serve_artifacts)
-    server.folder.mkdir()
-    server.start()
-    try:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-        payloads = {"small.txt": b"weights\n", "model.bin": os.urandom(9 * 2**20)}
-        for name, payload in payloads.items():
-            (mlops_project.root / name).write_bytes(payload)
-        nb = make_notebook(mlops_project.root / "train.ipynb", [
-            "%load_ext jupyter_mlops\n%mlops track --experiment s3",
-            "%mlops artifact small.txt\n%mlops artifact model.bin --path model",
-            "%mlops end",
-            "%mlops flush --timeout 120",
-        ])
-        executed = execute_notebook(nb, timeout=180)
-        assert "up to date" in cell_text(executed, 3)
-        run = find_run(server.uri, "s3")
-
-        in_bucket = mlops_s3.objects()
-        for name, path in (("small.txt", "small.txt"), ("model.bin", "model/model.bin")):
-            keys = [k for k in in_bucket if k.startswith("mlflow/") and k.endswith(f"/{run.info.run_id}/artifacts/{path}")]
-            assert len(keys) == 1, f"{path} is not in the bucket once: {sorted(in_bucket)}"
-            assert in_bucket[keys[0]] == payloads[name]
-            local = MlflowClient(server.uri).download_artifacts(run.info.run_id, path, str(tmp_path / "down"))
-            assert Path(local).read_bytes() == payloads[name]
-    finally:
-        server.stop()
-
-
-def test_an_s3_artifact_root_without_boto3_keeps_the_run_and_names_the_extra(
-    mlops_project: Project, mlops_s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The embedded store with MLOPS_ARTIFACT_ROOT on S3: the uploader writes artifacts itself."""
-    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", mlops_s3.endpoint)
-    config = mlops_project.config(artifact_root=mlops_s3.url("mlflow"), flusher_autostart=False)
-    run = tracking.start_run(experiment="s3-direct", capture_context=False, config=config)
-    (tmp_path / "model.bin").write_bytes(b"weights")
-    run.log_artifact(tmp_path / "model.bin")
-    run.end(log_notebook=False)
-
-    # `jupyter mlops sync` in a process without boto3 (this one may hold MLflow's cached S3 client)
-    without_boto3 = ("import sys\nsys.modules['boto3'] = None\n"
-                     "from jupyter_mlops.cli import main\nsys.exit(main(['sync']))")
-    done = subprocess.run([sys.executable, "-c", without_boto3], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "pip install 'jupyter_mlops[s3]'" in done.stdout, done.stdout + done.stderr
-    assert (mlops_project.spool / run.spool_id).is_dir()  # kept: nothing lost
-
-    assert sync(mlops_project.spool).finished == [run.spool_id]
-    keys = [k for k in mlops_s3.objects() if k.endswith(f"/{run.run_id}/artifacts/model.bin")]
-    assert len(keys) == 1 and keys[0].startswith("mlflow/")
 
 
 def test_a_multipart_push_killed_midway_leaves_no_object_and_resumes(
