@@ -249,6 +249,8 @@ class DvcProject:
 def _quiet_dvc() -> None:
     """In-process, DVC's INFO messages (hints meant for its CLI, like "To track the changes with
     git, run: ...") would land in the notebook; our own messages say what to commit."""
+    import logging
+
     dvc_logger = logging.getLogger("dvc")
     if dvc_logger.level < logging.WARNING:
         dvc_logger.setLevel(logging.WARNING)
