@@ -102,6 +102,25 @@ def test_without_the_s3_extra_push_and_pull_say_what_to_install(mlops_s3_dvc: Pr
         assert "pip install 'jupyter_mlops[s3]'" in message and "\n" not in message
 
 
+def test_the_extras_that_errors_name_exist_and_install_what_is_missing() -> None:
+    import re
+    import tomllib
+
+    from jupyter_mlops.data import dvc_client
+    from jupyter_mlops.tracking import client
+
+    from .conftest import ROOT
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {extra: {re.split(r"[\[<>=~!; ]", req, maxsplit=1)[0].lower() for req in reqs}
+             for extra, reqs in extras.items()}
+    for package, extra in dvc_client._EXTRAS.items():  # DVC plug-ins: named by their distribution
+        assert package in names.get(extra, set()), f"jupyter_mlops[{extra}] does not install {package}"
+    for module, extra in client._EXTRAS.items():  # modules MLflow imports
+        assert extra in names, f"an error names jupyter_mlops[{extra}] for {module}, which pyproject.toml lacks"
+    assert {"dvc-s3", "boto3"} <= names["s3"] <= names["test"]
+
+
 def test_missing_credentials_are_one_line_naming_the_variables(mlops_s3_dvc: Project,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     data.add("data/train.csv")
