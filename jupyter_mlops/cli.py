@@ -61,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.set_defaults(func=_cmd_ui)
 
+    from .data_cli import add_data_commands
     from .environment_cli import add_environment_commands
     from .kernel_cli import add_kernel_commands
     from .pipeline_cli import add_pipeline_commands
     from .schedule_cli import add_schedule_commands
 
+    add_data_commands(sub)
     add_pipeline_commands(sub)
     add_schedule_commands(sub)
     add_environment_commands(sub)

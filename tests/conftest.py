@@ -122,10 +122,18 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on a loopback port, with a SQLite backend; stoppable, restartable."""
+    """A real `mlflow server` on a loopback port, with a SQLite backend; stoppable, restartable.
 
-    def __init__(self, folder: Path) -> None:
+    ``artifacts``: where artifacts go (default: a folder of its own; an ``s3://`` URL for object
+    storage). ``serve_artifacts``: the server proxies artifact transfers (``--artifacts-destination``);
+    without it, clients write to ``artifacts`` themselves (``--no-serve-artifacts
+    --default-artifact-root``), as a team whose notebooks reach the bucket directly would run it.
+    """
+
+    def __init__(self, folder: Path, *, artifacts: str | None = None, serve_artifacts: bool = True) -> None:
         self.folder = folder
+        self.artifacts = artifacts or str(folder / "artifacts")
+        self.serve_artifacts = serve_artifacts
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -150,7 +158,8 @@ class MlflowServer:
         return subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server",
              "--backend-store-uri", "sqlite:///" + str(self.folder / "server.db"),
-             "--artifacts-destination", str(self.folder / "artifacts"),
+             *(["--artifacts-destination", self.artifacts] if self.serve_artifacts
+               else ["--no-serve-artifacts", "--default-artifact-root", self.artifacts]),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -183,6 +192,40 @@ def mlops_private_server(tmp_path: Path) -> Iterator[MlflowServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlops_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One S3 server (moto's, tests/s3_server.py) for the session; tests keep apart by bucket."""
+    from .s3_server import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.skip(f"moto's S3 server cannot start here, so the object-storage tests cannot run: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlops_s3(mlops_s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fresh bucket (an s3_server.Bucket); credentials in the environment, and nothing else of
+    AWS's that could leak in (a profile, a config file, a global endpoint), so each tool must be
+    given the endpoint its own way (DVC's endpointurl, MLFLOW_S3_ENDPOINT_URL)."""
+    from .s3_server import CREDENTIALS, Bucket, s3_client
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = Bucket(mlops_s3_server.endpoint, f"mlops-{uuid.uuid4().hex[:16]}")
+    s3_client(bucket.endpoint).create_bucket(Bucket=bucket.name)
+    return bucket
 
 
 @pytest.fixture

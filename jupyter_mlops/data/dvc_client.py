@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -352,14 +353,20 @@ def _restore(dvcfile: Path, previous: bytes | None) -> None:
         pass
 
 
+# DVC's plug-ins for remotes that an extra of ours installs (the others are named as they are)
+_EXTRAS = {"dvc-s3": "s3"}
+
+
 @contextlib.contextmanager
 def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
     """DVC's exceptions as ours, with the one line that says what to do."""
     _route_dvc_output()
     from dvc.exceptions import DvcException
 
+    first_failure = _FirstFailure() if remote else None
     try:
-        yield
+        with first_failure or contextlib.nullcontext():
+            yield
     except DataError:
         raise
     except DvcException as e:
@@ -375,8 +382,22 @@ def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
             raise DataError(f"{what} would overwrite local changes ({text.split('confirmation.')[-1].split('force.')[-1].strip()}): "
                             "version them with `%mlops data add` first, or discard them") from e
         if kind in ("DownloadError", "UploadError") or (remote and kind != "CheckoutError"):
+            cause = first_failure.error if first_failure else None
+            if cause is not None and type(cause).__module__.startswith("botocore."):
+                raise RemoteError(_s3_failure(what, cause)) from e
+            if first_failure and first_failure.message:
+                text += f" (the first: {first_failure.message})"
             raise RemoteError(f"{what}: the DVC remote failed: {text}") from e
         raise DataError(f"{what}: {text}", path=what) from e
+    except ImportError as e:
+        # DVC's plug-in for the remote's scheme is missing: "s3 is supported, but requires 'dvc-s3' ..."
+        missing = re.match(r"(\w+) is supported, but requires '([\w-]+)'", str(e))
+        if missing is None:
+            raise
+        scheme, package = missing.groups()
+        extra = _EXTRAS.get(package)
+        install = f"pip install 'jupyter_mlops[{extra}]'" if extra else f"pip install {package}"
+        raise RemoteError(f"{what}: the DVC remote is on {scheme}, which needs the {package} package: {install}") from e
     except OSError as e:
         if remote:
             raise RemoteError(f"{what}: the DVC remote cannot be used ({e.strerror or e}: {e.filename}); check "
@@ -387,3 +408,47 @@ def _dvc_errors(what: str, *, remote: bool = False) -> Iterator[None]:
         if not isinstance(e, FileNotFoundError):
             raise DataError(f"{what}: {e.strerror or e} ({e.filename})", path=what) from e
         raise DataError(f"{what}: {e.filename or e} does not exist", path=what) from e
+    except Exception as e:
+        # DVC lets the S3 client's own errors through (no credentials, no server at the endpoint)
+        if remote and type(e).__module__.startswith("botocore."):
+            raise RemoteError(_s3_failure(what, e)) from e
+        raise
+
+
+class _FirstFailure(logging.Handler):
+    """The first error DVC logs during a transfer: DVC logs why each file failed and raises only
+    "N files failed to upload", so the reason is taken from its log."""
+
+    _loggers = ("dvc", "dvc_data")
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message = ""
+        self.error: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.message:
+            self.error = record.exc_info[1] if record.exc_info else None
+            self.message = " ".join(record.getMessage().split()) + (f" - {self.error}" if self.error else "")
+
+    def __enter__(self) -> "_FirstFailure":
+        for name in self._loggers:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self._loggers:
+            logging.getLogger(name).removeHandler(self)
+
+
+def _s3_failure(what: str, error: BaseException) -> str:
+    """One line for an error of botocore's (DVC's S3 plug-in), saying what to set."""
+    kind = type(error).__name__
+    if kind in ("NoCredentialsError", "PartialCredentialsError"):
+        return (f"{what}: no credentials for the S3 remote: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "in the environment (or name a profile: `dvc remote modify NAME profile PROFILE`)")
+    text = " ".join(str(error).split())
+    if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        return (f"{what}: the S3 remote does not answer ({text}): check that it is up, and its endpointurl "
+                "(`dvc remote modify NAME endpointurl URL`)")
+    return f"{what}: the S3 remote failed: {text}"

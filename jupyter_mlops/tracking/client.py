@@ -44,6 +44,10 @@ _UNREACHABLE = (
 )
 
 
+# Modules MLflow imports for a store or an artifact location, and the extra of ours that installs them
+_EXTRAS = {"psycopg": "postgres", "psycopg2": "postgres", "boto3": "s3", "botocore": "s3"}
+
+
 def _classify(uri: str, e: BaseException) -> TrackingServerError:
     from mlflow.exceptions import MlflowException
 
@@ -52,8 +56,11 @@ def _classify(uri: str, e: BaseException) -> TrackingServerError:
         # malformed URL): sending it again gives the same answer.
         return Rejected(uri, _short(f"{type(e).__name__}: {e}"))
     if isinstance(e, ModuleNotFoundError):
-        return Retryable(uri, f"the driver for this store is not installed ({e}): pip install it, "
-                              "e.g. pip install 'jupyter_mlops[postgres]'; the run stays spooled until then")
+        module = (e.name or str(e)).partition(".")[0]
+        extra = _EXTRAS.get(module)
+        install = f"pip install 'jupyter_mlops[{extra}]'" if extra else f"pip install {module}"
+        return Retryable(uri, f"a package this store needs is not installed ({module}): {install}; "
+                              "the run stays spooled until then")
     text = str(e)
     for needle, plain in _UNREACHABLE:
         if needle in text:
