@@ -297,6 +297,30 @@ def test_ctrl_c_cancels_cleanly_and_leaves_no_kernel(demo: Project) -> None:
     assert steps == {"make": "succeeded", "use[k=1]": "cancelled", "use[k=2]": "cancelled", "join": "cancelled"}
 
 
+def test_a_signal_that_lands_on_a_worker_thread_still_cancels_at_once(demo: Project) -> None:
+    """The OS gives a process-directed SIGINT/SIGTERM to any thread. Python runs the handler in the
+    main thread only, when it next runs: a main thread waiting on the steps without a timeout ran it
+    only when a step ended (Ctrl-C and `pipeline cancel` hung while a step ran, CI saw it)."""
+    make_notebook(demo.root / "use.ipynb", ["import time\ntime.sleep(120)"], "k = 1")
+    signalled = threading.Event()
+
+    def listener(result: Any, step: Any) -> None:  # called in the step's worker thread
+        if step.name.startswith("use") and step.cell is not None and not signalled.is_set():
+            signalled.set()
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this thread, not the main one
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(demo.root / "pipeline.yaml", config=demo.config(), listener=listener)
+    assert signalled.is_set()
+    row = open_store(demo.config().resolved_pipeline_state_url).query(
+        "SELECT id, status FROM pipeline_runs ORDER BY started DESC LIMIT 1")[0]
+    steps = open_store(demo.config().resolved_pipeline_state_url).query(
+        "SELECT step, status FROM step_runs WHERE run_id = ?", (row["id"],))
+    # the sleepers were stopped, not waited for
+    assert row["status"] == "cancelled" and {r["step"]: r["status"] for r in steps if r["step"].startswith("use")} == {
+        "use[k=1]": "cancelled", "use[k=2]": "cancelled"}
+
+
 def test_cli_run_status_list_and_errors(demo: Project, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["pipeline", "run", "pipeline.yaml", "--no-progress", "-p", "make.n=2"]) == 0
     out = capsys.readouterr().out

@@ -297,7 +297,10 @@ class _Runner:
                                 self._set(name, "blocked", error="its inputs never became ready")
                             pending.clear()
                         break
-                    done, _ = futures.wait(list(running), return_when=futures.FIRST_COMPLETED)
+                    # With a timeout: a SIGINT/SIGTERM that the OS delivers to another thread (a
+                    # worker, the heartbeat) only sets a flag, and a main thread blocked without one
+                    # would run the handler (Ctrl-C, `pipeline cancel`) when a step ends, maybe never.
+                    done, _ = futures.wait(list(running), timeout=0.5, return_when=futures.FIRST_COMPLETED)
                     for fut in done:
                         running.pop(fut)
                         fut.result()  # _run_step records its own failures; this re-raises our bugs
