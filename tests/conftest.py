@@ -115,6 +115,17 @@ def mlops_no_leftover_run() -> Iterator[None]:
     run_module._active = None
 
 
+def stop_process_group(proc: subprocess.Popen[Any] | None) -> None:
+    """SIGTERM a server started with start_new_session=True (it and its workers), SIGKILL after 15 s."""
+    if proc and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,13 +176,7 @@ class MlflowServer:
         )
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
         self.proc = None
 
 

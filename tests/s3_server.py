@@ -8,8 +8,6 @@ credentials from the environment, as a team's real S3 or MinIO would be configur
 from __future__ import annotations
 
 import http.client
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .conftest import free_port
+from .conftest import free_port, stop_process_group
 
 # Made-up credentials: moto accepts any; real clients read them from these variables.
 CREDENTIALS = {
@@ -61,13 +59,7 @@ class MotoServer:
         raise RuntimeError(f"moto server did not answer on {self.endpoint} in {timeout:g}s")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
         self.proc = None
 
 
