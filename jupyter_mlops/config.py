@@ -43,12 +43,28 @@ TRACKING_SCHEMES = frozenset({"http", "https", "sqlite", "postgresql", "mysql", 
 
 
 def find_project_root(start: Path | None = None) -> Path:
-    """The nearest folder at or above ``start`` holding ``.mlops/`` or ``.git``, else ``start``."""
+    """The nearest folder at or above ``start`` holding ``.mlops/`` or ``.git``, else ``start``.
+
+    A ``.mlops/`` that holds nothing but ``data/`` does not count: the data layer keeps its index
+    there at the root of a DVC project, and a DVC subproject (``dvc init --subdir``, as
+    ``examples/iris``) would otherwise become a project of its own after its first versioned
+    output, moving the runs, the step cache and the state of every later run somewhere else.
+    """
     start = (start or Path.cwd()).resolve()
     for folder in (start, *start.parents):
-        if (folder / EMBEDDED_DIR).is_dir() or (folder / ".git").exists():
+        if _holds_project_state(folder / EMBEDDED_DIR) or (folder / ".git").exists():
             return folder
     return start
+
+
+def _holds_project_state(embedded: Path) -> bool:
+    try:
+        names = {entry.name for entry in os.scandir(embedded)}
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # there, but unreadable: it still marks the project
+        return True
+    return names != {"data"}
 
 
 def _absolute_db_path(uri: str) -> str:

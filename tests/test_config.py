@@ -24,7 +24,9 @@ def test_project_root_is_the_nearest_git_or_mlops_folder(tmp_path: Path) -> None
     deep = tmp_path / "repo" / "a" / "b"
     deep.mkdir(parents=True)
     assert find_project_root(deep) == (tmp_path / "repo").resolve()
-    (tmp_path / "repo" / "a" / ".mlops").mkdir()
+    (tmp_path / "repo" / "a" / ".mlops" / "data").mkdir(parents=True)  # a DVC subproject's data index only
+    assert find_project_root(deep) == (tmp_path / "repo").resolve()
+    (tmp_path / "repo" / "a" / ".mlops" / "spool").mkdir()  # a project's own state
     assert find_project_root(deep) == (tmp_path / "repo" / "a").resolve()
 
 

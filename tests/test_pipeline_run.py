@@ -636,6 +636,28 @@ def test_the_project_is_the_pipeline_files_not_the_working_directorys(mlops_proj
     assert Path(result.steps["one"].output_notebook).is_relative_to(root / ".mlops")
 
 
+def test_a_dvc_subproject_stays_in_its_repositorys_project_run_after_run(mlops_project: Project,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/iris: a `dvc init --subdir` folder in a git repository. Its first versioned output
+    leaves the data index in sub/.mlops/data; the second run took that for a project of its own
+    (another store, no step cache: everything ran again)."""
+    root = mlops_project.root
+    sub = root / "sub"
+    sub.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--subdir", "-q"], cwd=sub, check=True)
+    make_notebook(sub / "nb.ipynb", ["import pathlib\npathlib.Path('out.txt').write_text(str(k))"], "k = 1")
+    (sub / "pipeline.yaml").write_text("steps:\n  one: {notebook: nb.ipynb, outputs: [out.txt]}\n")
+    for name in ("MLOPS_PROJECT_ROOT", "MLFLOW_TRACKING_URI"):  # the pipeline file says where the project is
+        monkeypatch.delenv(name)
+    first = run_pipeline(sub / "pipeline.yaml", retry_backoff=0.01)
+    assert first.ok, {n: s.error for n, s in first.steps.items()}
+    assert (sub / ".mlops" / "data").is_dir()  # the data layer's index, at the DVC root
+    second = run_pipeline(sub / "pipeline.yaml", retry_backoff=0.01)
+    assert {n: s.status for n, s in second.steps.items()} == {"one": "cached"}
+    assert Path(first.steps["one"].output_notebook).is_relative_to(root / ".mlops")
+    assert sorted(p.name for p in (sub / ".mlops").iterdir()) == ["data"]
+
+
 NOT_LITERAL = "import os\nk = 2 * 3\nhome = os.path.join('a', 'b')\nn = 1\nseed = 0"
 COMPUTE = ["%load_ext jupyter_mlops\n%mlops track",
            "import json\njson.dump({'k': k, 'home': home, 'n': n, 'seed': seed}, open('computed.json', 'w'))"]
