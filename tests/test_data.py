@@ -110,13 +110,8 @@ def test_using_modified_data_records_what_was_read(mlops_dvc: Project) -> None:
     assert found.md5 == hashlib.md5(b"changed\n").hexdigest()
 
 
-def test_a_past_revision_is_read_without_touching_the_workspace(mlops_dvc: Project) -> None:
-    data.add("data/train.csv", "data/images")
-    commit(mlops_dvc, "v1", tag="v1")
-    (mlops_dvc.root / "data" / "train.csv").write_text("x,y\n3,4\n")
-    (mlops_dvc.root / "data" / "images" / "0.txt").write_text("new image\n")
-    data.add("data/train.csv", "data/images")
-    commit(mlops_dvc, "v2")
+def test_a_past_revision_is_read_without_touching_the_workspace(mlops_two_revisions: Project) -> None:
+    mlops_dvc = mlops_two_revisions
     old = data.use("data/train.csv", rev="v1")
     assert old.read_text() == "x,y\n1,2\n"
     assert data.use("data/images/0.txt", rev="v1").read_text() == "image 0\n"
